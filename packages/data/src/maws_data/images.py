@@ -1,0 +1,412 @@
+"""Turn one row's image reference into checked, resized, re-encoded JPEG bytes.
+
+Two steps, each usable alone:
+  load_image_bytes(ref, base_dir=..., cfg=...)  local path / raw bytes / http(s) URL -> encoded bytes
+  process_image(data, cfg)                       encoded bytes -> (jpeg, width, height), Pillow-SIMD
+  process_images_dali(datas, cfg, device=...)    the same for a batch, decoded and resized by DALI
+
+Every failure is a `SkipSample` with a short stable `.reason` (counted in the build manifest) and a
+human `.detail`. Reasons:
+  null_image       the image reference is null/empty
+  missing_path     local file does not exist (or is not a file)
+  download_failed  HTTP error status, connection error or timeout, after the retries
+  too_large        body over `max_download_bytes`, or more than `max_pixels` pixels (decompression bomb)
+  empty            zero bytes
+  not_image        not a format Pillow can identify (e.g. a text file named .jpg)
+  truncated        the image data ends early
+  decode_error     identified but cannot be decoded (corrupt data, unsupported mode, ...)
+
+Output (both decoders): RGB, EXIF orientation applied, shorter side == image_size (never upscaled;
+smaller images keep their size), longer side round(long * image_size / short), JPEG at
+`jpeg_quality`, 4:2:0, no metadata. The same bytes in give the same bytes out.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MiB = 1 << 20
+ORIENTATION_TAG = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does).
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class SkipSample(Exception):
+    """A row whose image cannot be used; `reason` is a stable code, `detail` says what happened."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # picklable across worker processes / Ray
+        return (SkipSample, (self.reason, self.detail))
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    image_size: int = 256  # shorter side after resize; smaller images are never upscaled
+    jpeg_quality: int = 90
+    max_pixels: int = 89_478_485  # decompression-bomb cap (Pillow's default MAX_IMAGE_PIXELS)
+    max_download_bytes: int = 20 * MiB  # cap on one image's encoded size (downloads and local files)
+    timeout_s: float = 10.0  # per download attempt: connect + the whole body
+    retries: int = 2  # extra attempts after a connection error, timeout or 5xx (not after 4xx)
+    decoder: Literal["auto", "pil", "dali"] = "auto"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: path / bytes / URL -> encoded bytes
+
+
+def load_image_bytes(ref: str | bytes | None, *, base_dir: str, cfg: ImageConfig) -> bytes:
+    """The encoded image a reference stands for; raises SkipSample."""
+    if ref is None or (isinstance(ref, str) and not ref.strip()):
+        raise SkipSample("null_image", "the image reference is null or empty")
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        data = bytes(ref)
+    elif ref.startswith(("http://", "https://")):
+        data = download(ref, cfg)
+    else:
+        data = _read_local(ref, base_dir, cfg)
+    if not data:
+        raise SkipSample("empty", f"{_describe(ref)}: zero bytes")
+    if len(data) > cfg.max_download_bytes:
+        raise SkipSample("too_large", f"{_describe(ref)}: {len(data)} bytes > cap {cfg.max_download_bytes}")
+    return data
+
+
+def _describe(ref: str | bytes) -> str:
+    return ref if isinstance(ref, str) else f"<{len(ref)} raw bytes>"
+
+
+def _read_local(ref: str, base_dir: str, cfg: ImageConfig) -> bytes:
+    path = Path(ref[len("file://"):] if ref.startswith("file://") else ref)
+    if not path.is_absolute():
+        path = Path(base_dir) / path
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise SkipSample("missing_path", f"{path}: not a file")
+        if size > cfg.max_download_bytes:
+            raise SkipSample("too_large", f"{path}: {size} bytes > cap {cfg.max_download_bytes}")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SkipSample("missing_path", f"{path}: no such file") from None
+    except OSError as e:
+        raise SkipSample("missing_path", f"{path}: cannot read ({e})") from None
+
+
+class _RetryableError(Exception):
+    pass
+
+
+# One keep-alive connection per (thread, host): repeated downloads from the same server reuse the
+# TCP connection instead of paying a handshake per image (urllib closes after every request).
+_connections = threading.local()
+
+
+def download(url: str, cfg: ImageConfig) -> bytes:
+    """GET `url` with a per-attempt deadline, `cfg.retries` retries (5xx, timeouts, connection
+    errors; 4xx fail at once) and a body cap; raises SkipSample."""
+    last = ""
+    for attempt in range(cfg.retries + 1):
+        if attempt:
+            time.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
+        try:
+            return _get(url, cfg)
+        except _RetryableError as e:
+            last = str(e)
+    raise SkipSample("download_failed", f"{url}: {last} (after {cfg.retries + 1} attempts)")
+
+
+def _get(url: str, cfg: ImageConfig) -> bytes:
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    deadline = time.monotonic() + cfg.timeout_s
+    conn = _connection(parts.scheme, parts.netloc, cfg.timeout_s)
+    try:
+        conn.request("GET", target, headers={"User-Agent": "maws-data", "Accept-Encoding": "identity"})
+        resp = conn.getresponse()
+        if resp.status >= 500:
+            resp.read()
+            raise _RetryableError(f"HTTP {resp.status}")
+        if resp.status != 200:
+            _drop_connection(parts.scheme, parts.netloc)
+            raise SkipSample("download_failed", f"{url}: HTTP {resp.status} {resp.reason}")
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_download_bytes:
+            _drop_connection(parts.scheme, parts.netloc)
+            raise SkipSample("too_large", f"{url}: Content-Length {length} > cap {cfg.max_download_bytes}")
+        body = _read_capped(resp, url, cfg, deadline)
+        if resp.will_close:
+            _drop_connection(parts.scheme, parts.netloc)
+        return body
+    except SkipSample:
+        _drop_connection(parts.scheme, parts.netloc)
+        raise
+    except (OSError, http.client.HTTPException) as e:  # timeouts, refused, reset, bad status line
+        _drop_connection(parts.scheme, parts.netloc)
+        raise _RetryableError(f"{type(e).__name__}: {e}") from None
+
+
+def _read_capped(resp: http.client.HTTPResponse, url: str, cfg: ImageConfig, deadline: float) -> bytes:
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"body not received within {cfg.timeout_s}s")
+        chunk = resp.read1(256 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cfg.max_download_bytes:
+            raise SkipSample("too_large", f"{url}: body over cap {cfg.max_download_bytes} bytes")
+        chunks.append(chunk)
+
+
+def _connection(scheme: str, netloc: str, timeout: float) -> http.client.HTTPConnection:
+    pool = _connections.__dict__.setdefault("pool", {})
+    conn = pool.get((scheme, netloc))
+    if conn is None:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = pool[(scheme, netloc)] = cls(netloc, timeout=timeout)
+    return conn
+
+
+def _drop_connection(scheme: str, netloc: str) -> None:
+    conn = _connections.__dict__.get("pool", {}).pop((scheme, netloc), None)
+    if conn is not None:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding + resizing + encoding with Pillow-SIMD
+
+
+def target_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """Output (w, h): shorter side image_size, aspect kept, never upscaled."""
+    short = min(width, height)
+    if short <= image_size:
+        return width, height
+    scale = image_size / short
+    if width <= height:
+        return image_size, max(1, round(height * scale))
+    return max(1, round(width * scale)), image_size
+
+
+def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
+    """Identify the image and check its size before any pixel is decoded."""
+    if not data:
+        raise SkipSample("empty", "zero bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise SkipSample("too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise SkipSample("not_image", f"not a recognised image format (starts with {data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise SkipSample(_error_reason(e), f"header: {type(e).__name__}: {e}") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise SkipSample("decode_error", f"invalid size {w}x{h}")
+    if w * h > cfg.max_pixels:
+        raise SkipSample("too_large", f"{w}x{h} = {w * h} pixels > cap {cfg.max_pixels}")
+    return im
+
+
+def _error_reason(e: BaseException) -> str:
+    text = str(e).lower()
+    if isinstance(e, EOFError) or "truncated" in text or "premature end" in text or "broken data stream" in text:
+        return "truncated"
+    return "decode_error"
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block must not lose the image; treat as upright
+        return 1
+
+
+def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, int, int]:
+    """Decode, check, orient, resize (shorter side = image_size) and re-encode; returns (jpeg, w, h)."""
+    im = _open(data, cfg)
+    orientation = _orientation(im)
+    w, h = im.size
+    upright = (h, w) if orientation in TRANSPOSED_ORIENTATIONS else (w, h)
+    out_w, out_h = target_size(*upright, cfg.image_size)
+    try:
+        if im.format == "JPEG" and (out_w, out_h) != upright:
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale; draft keeps the size >= the request
+            # (in stored orientation), so the exact resize below still downsamples.
+            req = (out_h, out_w) if orientation in TRANSPOSED_ORIENTATIONS else (out_w, out_h)
+            im.draft("RGB", req)
+        im.load()
+        im = _to_rgb(im)
+        if orientation in EXIF_TRANSPOSE:
+            im = im.transpose(EXIF_TRANSPOSE[orientation])
+        if im.size != (out_w, out_h):
+            im = im.resize((out_w, out_h), Image.Resampling.BICUBIC)
+    except SkipSample:
+        raise
+    except Image.DecompressionBombError as e:
+        raise SkipSample("too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        raise SkipSample(_error_reason(e), f"{type(e).__name__}: {e}") from None
+    return encode_jpeg(im, cfg), out_w, out_h
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent pixels onto white: their colour values are arbitrary and often black.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max() or 1.0
+        return Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def encode_jpeg(im: Image.Image | np.ndarray, cfg: ImageConfig) -> bytes:
+    """Deterministic JPEG: fixed quality, 4:2:0, no EXIF/ICC/comment, not progressive."""
+    if isinstance(im, np.ndarray):
+        im = Image.fromarray(im, "RGB")
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=cfg.jpeg_quality, subsampling=2, optimize=False, progressive=False)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding + resizing with DALI (GPU "mixed", or CPU for tests), encoding with Pillow-SIMD
+
+
+def choose_decoder(cfg: ImageConfig) -> str:
+    """'pil' or 'dali': 'auto' picks DALI when CUDA is available and DALI imports."""
+    if cfg.decoder != "auto":
+        return cfg.decoder
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "pil"
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "pil"
+    return "dali"
+
+
+DALI_MAX_BATCH = 64
+_dali_pipes: dict[tuple[str, int | None], object] = {}
+
+
+def _dali_pipeline(device: str):
+    """One DALI pipeline per (device, device_id) and process; rebuilt after a failed run."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    device_id = _device_id(device)
+    key = (device, device_id)
+    if key not in _dali_pipes:
+        @pipeline_def(batch_size=DALI_MAX_BATCH, num_threads=2, device_id=device_id, prefetch_queue_depth=1)
+        def pipe():
+            enc = fn.external_source(name="enc", dtype=types.UINT8)
+            rx = fn.external_source(name="rx", dtype=types.FLOAT)
+            ry = fn.external_source(name="ry", dtype=types.FLOAT)
+            # "mixed": Huffman on CPU, IDCT on the GPU (nvJPEG). Orientation from EXIF is applied.
+            img = fn.decoders.image(enc, device="mixed" if device_id is not None else "cpu",
+                                    output_type=types.RGB, adjust_orientation=True)
+            return fn.resize(img, resize_x=rx, resize_y=ry, antialias=True, interp_type=types.INTERP_CUBIC)
+
+        p = pipe()
+        p.build()
+        _dali_pipes[key] = p
+    return _dali_pipes[key]
+
+
+def _device_id(device: str) -> int | None:
+    if device == "cpu":
+        return None
+    if device in ("gpu", "cuda"):
+        return 0
+    if device.startswith("cuda:"):
+        return int(device.split(":", 1)[1])
+    raise ValueError(f"device must be 'cpu', 'gpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def process_images_dali(datas: list[bytes], cfg: ImageConfig, *, device: str
+                        ) -> list[tuple[bytes, int, int] | SkipSample]:
+    """process_image for a batch, decoded and resized by DALI; one result (or SkipSample) per input.
+
+    Each image's header is parsed by Pillow first (size, orientation, bomb check, format): only
+    plain RGB/greyscale JPEGs go to DALI; everything else (PNG with alpha, CMYK, GIF, ...) and
+    anything DALI fails on goes through `process_image`, so a bad file costs its own row only.
+    """
+    results: list[tuple[bytes, int, int] | SkipSample | None] = [None] * len(datas)
+    todo: list[tuple[int, np.ndarray, int, int]] = []
+    for i, data in enumerate(datas):
+        try:
+            im = _open(data, cfg)
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                results[i] = process_image(data, cfg)
+                continue
+            w, h = im.size
+            if _orientation(im) in TRANSPOSED_ORIENTATIONS:
+                w, h = h, w
+            todo.append((i, np.frombuffer(data, dtype=np.uint8), *target_size(w, h, cfg.image_size)))
+        except SkipSample as e:
+            results[i] = e
+    for start in range(0, len(todo), DALI_MAX_BATCH):
+        _run_dali_batch(todo[start:start + DALI_MAX_BATCH], datas, results, cfg, device)
+    return results  # type: ignore[return-value]
+
+
+def _run_dali_batch(batch, datas, results, cfg: ImageConfig, device: str) -> None:
+    try:
+        arrays = _dali_decode(batch, device)
+    except Exception:  # noqa: BLE001 - DALI fails the whole batch; redo one by one to find the culprit
+        _dali_pipes.pop((device, _device_id(device)), None)
+        arrays = []
+        for item in batch:
+            try:
+                arrays.append(_dali_decode([item], device)[0])
+            except Exception:  # noqa: BLE001 - Pillow gives the precise skip reason (or succeeds)
+                _dali_pipes.pop((device, _device_id(device)), None)
+                arrays.append(None)
+    for (i, _, w, h), arr in zip(batch, arrays):
+        if arr is None or arr.shape[:2] != (h, w):
+            try:
+                results[i] = process_image(datas[i], cfg)
+            except SkipSample as e:
+                results[i] = e
+        else:
+            results[i] = (encode_jpeg(arr, cfg), w, h)
+
+
+def _dali_decode(batch, device: str) -> list[np.ndarray]:
+    pipe = _dali_pipeline(device)
+    pipe.feed_input("enc", [b for _, b, _, _ in batch])
+    pipe.feed_input("rx", [np.array(w, dtype=np.float32) for _, _, w, _ in batch])
+    pipe.feed_input("ry", [np.array(h, dtype=np.float32) for _, _, _, h in batch])
+    (out,) = pipe.run()
+    if hasattr(out, "as_cpu"):
+        out = out.as_cpu()
+    return [np.array(out[k]) for k in range(len(batch))]
