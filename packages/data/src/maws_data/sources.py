@@ -7,6 +7,7 @@ configurable. The result is one polars DataFrame with a fixed schema:
     row       u64   0..n-1 over all files, in file-sorted order (the builder's stable row id)
     key       str   the source's key (ints are turned into strings), null when missing
     image     str | binary   as given: a path (relative to `base_dir`), an http(s) URL, or raw bytes
+                    (object dtype holding both, for an HF-datasets {bytes, path} column mixing them)
     caption   str   null when missing *or* not valid UTF-8 (see `problem`)
     base_dir  str   absolute folder of the file the row came from (relative paths resolve there)
     problem   str   null, or a stable code for a row the reader could not read cleanly:
@@ -193,8 +194,11 @@ def _from_arrow(table: pa.Table, wanted: list[str], *, image_is_text: bool) -> p
         cols[name] = _text_column(table.column(name), code, problems)
     img = table.column(image)
     if pa.types.is_struct(img.type):  # HF datasets Image feature: {"bytes": binary, "path": str}
-        cols[image] = pl.Series(image, [None if v is None else (v.get("bytes") or v.get("path"))
-                                        for v in img.to_pylist()])
+        values = [None if v is None else (v.get("bytes") or v.get("path")) for v in img.to_pylist()]
+        kinds = {type(v) for v in values if v is not None}
+        # bytes for some rows and paths for others cannot share a typed column: keep Python objects
+        dtype = pl.Object if len(kinds) > 1 else pl.Binary if bytes in kinds else pl.String
+        cols[image] = pl.Series(image, values, dtype=dtype)
     elif (pa.types.is_binary(img.type) or pa.types.is_large_binary(img.type)) and not image_is_text:
         cols[image] = pl.Series(image, img.combine_chunks() if img.num_chunks else img).cast(pl.Binary)
     else:
