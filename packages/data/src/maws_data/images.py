@@ -38,6 +38,9 @@ from PIL import Image, UnidentifiedImageError
 MiB = 1 << 20
 ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# File signatures of common image formats: such a file that Pillow cannot open is a broken image
+# ("decode_error"), not something else ("not_image").
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does).
 EXIF_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -142,8 +145,18 @@ def _get(url: str, cfg: ImageConfig) -> bytes:
     deadline = time.monotonic() + cfg.timeout_s
     conn = _connection(parts.scheme, parts.netloc, cfg.timeout_s)
     try:
-        conn.request("GET", target, headers={"User-Agent": "maws-data", "Accept-Encoding": "identity"})
-        resp = conn.getresponse()
+        try:
+            reused = conn.sock is not None
+            conn.request("GET", target, headers={"User-Agent": "maws-data", "Accept-Encoding": "identity"})
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+            # The server closed our idle keep-alive connection: not a failed attempt, just reconnect.
+            _drop_connection(parts.scheme, parts.netloc)
+            conn = _connection(parts.scheme, parts.netloc, cfg.timeout_s)
+            conn.request("GET", target, headers={"User-Agent": "maws-data", "Accept-Encoding": "identity"})
+            resp = conn.getresponse()
         if resp.status >= 500:
             resp.read()
             raise _RetryableError(f"HTTP {resp.status}")
@@ -173,6 +186,7 @@ def _read_capped(resp: http.client.HTTPResponse, url: str, cfg: ImageConfig, dea
             raise TimeoutError(f"body not received within {cfg.timeout_s}s")
         chunk = resp.read1(256 * 1024)
         if not chunk:
+            resp.read()  # marks the response complete, so the keep-alive connection can be reused
             return b"".join(chunks)
         size += len(chunk)
         if size > cfg.max_download_bytes:
@@ -219,6 +233,8 @@ def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise SkipSample("too_large", str(e)) from None
     except UnidentifiedImageError:
+        if data.startswith(IMAGE_MAGIC) or data[8:12] == b"WEBP":
+            raise SkipSample("decode_error", f"image signature {data[:4]!r} but unreadable headers") from None
         raise SkipSample("not_image", f"not a recognised image format (starts with {data[:8]!r})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise SkipSample(_error_reason(e), f"header: {type(e).__name__}: {e}") from None

@@ -1,0 +1,309 @@
+"""maws_data.images on real Instagram photos, hand-made bad files, and a local HTTP server."""
+
+import io
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from maws_data.images import (
+    ImageConfig,
+    SkipSample,
+    choose_decoder,
+    load_image_bytes,
+    process_image,
+    process_images_dali,
+    target_size,
+)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+IMAGES = SHARED / "instagram" / "images"
+
+
+@pytest.fixture(scope="module")
+def real_paths() -> list[Path]:
+    paths = sorted(IMAGES.glob("*.jpg"))[:6] if IMAGES.is_dir() else []
+    if not paths:
+        pytest.skip(f"real images not found in {IMAGES}")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def real_jpeg(real_paths) -> bytes:
+    return real_paths[0].read_bytes()
+
+
+def _skip_reason(fn, *args, **kwargs) -> str:
+    with pytest.raises(SkipSample) as e:
+        fn(*args, **kwargs)
+    assert e.value.detail  # every skip says what happened
+    return e.value.reason
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_local_paths(real_paths, tmp_path):
+    cfg = ImageConfig()
+    folder = real_paths[0].parent
+    rel = f"{folder.name}/{real_paths[0].name}"
+    assert load_image_bytes(rel, base_dir=str(folder.parent), cfg=cfg) == real_paths[0].read_bytes()
+    assert load_image_bytes(str(real_paths[0]), base_dir="/nonexistent", cfg=cfg) == real_paths[0].read_bytes()
+    assert _skip_reason(load_image_bytes, "images/none.jpg", base_dir=str(folder.parent), cfg=cfg) == "missing_path"
+    assert _skip_reason(load_image_bytes, None, base_dir=".", cfg=cfg) == "null_image"
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert _skip_reason(load_image_bytes, "empty.jpg", base_dir=str(tmp_path), cfg=cfg) == "empty"
+    small_cap = ImageConfig(max_download_bytes=1000)
+    assert _skip_reason(load_image_bytes, str(real_paths[0]), base_dir=".", cfg=small_cap) == "too_large"
+
+
+def test_raw_bytes(real_jpeg):
+    cfg = ImageConfig()
+    assert load_image_bytes(real_jpeg, base_dir=".", cfg=cfg) == real_jpeg
+    assert load_image_bytes(memoryview(real_jpeg), base_dir=".", cfg=cfg) == real_jpeg
+    assert _skip_reason(load_image_bytes, b"", base_dir=".", cfg=cfg) == "empty"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    image = b""
+    hits: dict[str, int] = {}
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _send(self, status: int, body: bytes, *, length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        try:
+            self._route(self.path.split("?")[0])
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (cap, timeout): expected
+            self.close_connection = True
+
+    def _route(self, path: str) -> None:
+        n = self.hits[path] = self.hits.get(path, 0) + 1
+        if path == "/img.jpg":
+            self._send(200, self.image)
+        elif path == "/slow.jpg":
+            time.sleep(1.5)
+            self._send(200, self.image)
+        elif path == "/big.jpg":
+            self._send(200, b"\xff" * 300_000)
+        elif path == "/big-nolength.jpg":  # lies about nothing, just streams past the cap
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for _ in range(30):
+                self.wfile.write(b"\xff" * 10_000)
+            self.close_connection = True
+        elif path == "/flaky.jpg":  # a 500 first, then the image
+            self._send(500, b"oops") if n == 1 else self._send(200, self.image)
+        elif path == "/always500.jpg":
+            self._send(503, b"down")
+        else:
+            self._send(404, b"not found")
+
+
+@pytest.fixture(scope="module")
+def server(real_jpeg):
+    _Handler.image = real_jpeg
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_download(server, real_jpeg):
+    cfg = ImageConfig(timeout_s=0.5, retries=1, max_download_bytes=200_000)
+    assert load_image_bytes(f"{server}/img.jpg", base_dir=".", cfg=cfg) == real_jpeg
+    assert load_image_bytes(f"{server}/img.jpg?x=1", base_dir=".", cfg=cfg) == real_jpeg  # reused connection
+    assert _skip_reason(load_image_bytes, f"{server}/missing.jpg", base_dir=".", cfg=cfg) == "download_failed"
+    assert _Handler.hits["/missing.jpg"] == 1  # 4xx is not retried
+    assert _skip_reason(load_image_bytes, f"{server}/big.jpg", base_dir=".", cfg=cfg) == "too_large"
+    assert _skip_reason(load_image_bytes, f"{server}/big-nolength.jpg", base_dir=".", cfg=cfg) == "too_large"
+    t0 = time.monotonic()
+    assert _skip_reason(load_image_bytes, f"{server}/slow.jpg", base_dir=".", cfg=cfg) == "download_failed"
+    assert time.monotonic() - t0 < 1.5 + 0.5  # gave up on time, did not wait for the slow body twice
+    assert _Handler.hits["/slow.jpg"] == 2  # a timeout is retried
+    # retry succeeds after one 500
+    assert load_image_bytes(f"{server}/flaky.jpg", base_dir=".", cfg=cfg) == real_jpeg
+    assert _Handler.hits["/flaky.jpg"] == 2
+    assert _skip_reason(load_image_bytes, f"{server}/always500.jpg", base_dir=".", cfg=cfg) == "download_failed"
+    assert _Handler.hits["/always500.jpg"] == 2
+    # after all that, the server still works (no connection left in a broken state)
+    assert load_image_bytes(f"{server}/img.jpg", base_dir=".", cfg=cfg) == real_jpeg
+
+
+def test_connection_refused():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ImageConfig(timeout_s=0.5, retries=0)
+    assert _skip_reason(load_image_bytes, f"http://127.0.0.1:{port}/x.jpg", base_dir=".", cfg=cfg) == "download_failed"
+
+
+# ----------------------------------------------------------------------------- processing
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid single-colour greyscale PNG of width x height that is only a few KiB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = zlib.compress(b"\x00" * (width + 1) * min(height, 64), 9)  # only part of the rows: never decoded
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_bad_inputs(real_jpeg):
+    cfg = ImageConfig()
+    assert _skip_reason(process_image, real_jpeg[: len(real_jpeg) // 2], cfg) == "truncated"
+    assert _skip_reason(process_image, b"", cfg) == "empty"
+    assert _skip_reason(process_image, b"just some text, not a JPEG\n", cfg) == "not_image"
+    bomb = _png_bomb(20000, 20000)
+    assert len(bomb) < 10_000
+    assert _skip_reason(process_image, bomb, cfg) == "too_large"
+    # under Pillow's hard limit (2x) but over ours
+    assert _skip_reason(process_image, _png_bomb(3000, 3000), ImageConfig(max_pixels=1_000_000)) == "too_large"
+    corrupt = real_jpeg[:20] + b"\x00" * 3000 + real_jpeg[3020:]  # JPEG magic, then broken headers
+    assert _skip_reason(process_image, corrupt, cfg) == "decode_error"
+
+
+def test_real_images_resized_exactly(real_paths):
+    cfg = ImageConfig(image_size=200)
+    for p in real_paths:
+        src = Image.open(p)
+        jpeg, w, h = process_image(p.read_bytes(), cfg)
+        out = Image.open(io.BytesIO(jpeg))
+        assert out.format == "JPEG" and out.mode == "RGB"
+        assert out.size == (w, h) == target_size(*src.size, 200)
+        assert min(w, h) == 200
+        # content matches a plain high-quality resize of the original
+        ref = np.asarray(src.convert("RGB").resize((w, h), Image.Resampling.LANCZOS), dtype=np.float32)
+        assert np.abs(np.asarray(out, dtype=np.float32) - ref).mean() < 4.0
+
+
+def test_no_upscaling_and_determinism(real_jpeg):
+    jpeg, w, h = process_image(real_jpeg, ImageConfig(image_size=1000))
+    assert (w, h) == Image.open(io.BytesIO(real_jpeg)).size == Image.open(io.BytesIO(jpeg)).size
+    cfg = ImageConfig(image_size=160)
+    assert process_image(real_jpeg, cfg) == process_image(real_jpeg, cfg)
+    assert process_image(real_jpeg, cfg) != process_image(real_jpeg, ImageConfig(image_size=160, jpeg_quality=80))
+
+
+def test_target_size_shorter_side():
+    assert target_size(640, 480, 256) == (341, 256)
+    assert target_size(480, 640, 256) == (256, 341)
+    assert target_size(300, 300, 256) == (256, 256)
+    assert target_size(200, 100, 256) == (200, 100)
+    assert target_size(100000, 300, 256) == (85333, 256)
+
+
+def _with_orientation(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8, 2, 5])
+def test_exif_orientation_applied(real_jpeg, orientation):
+    stored = Image.open(io.BytesIO(real_jpeg)).convert("RGB").resize((600, 400))
+    data = _with_orientation(stored, orientation)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    jpeg, w, h = process_image(data, ImageConfig(image_size=200))
+    assert (w, h) == ((200, 300) if orientation in (5, 6, 7, 8) else (300, 200))
+    got = np.asarray(Image.open(io.BytesIO(jpeg)), dtype=np.float32)
+    ref = np.asarray(expected.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    assert np.abs(got - ref).mean() < 3.0  # same picture the same way up (a wrong turn gives ~30+)
+
+
+def test_draft_large_jpeg_still_exact(real_jpeg):
+    # a 1280x960 JPEG takes the draft() path (decoded at 1/2 or 1/4 scale) and still lands exactly
+    big = Image.open(io.BytesIO(real_jpeg)).convert("RGB").resize((1280, 960))
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=95)
+    jpeg, w, h = process_image(buf.getvalue(), ImageConfig(image_size=224))
+    assert (w, h) == (299, 224) == Image.open(io.BytesIO(jpeg)).size
+    ref = np.asarray(big.resize((w, h), Image.Resampling.LANCZOS), dtype=np.float32)
+    assert np.abs(np.asarray(Image.open(io.BytesIO(jpeg)), dtype=np.float32) - ref).mean() < 4.0
+
+
+def test_transparent_png_onto_white():
+    im = Image.new("RGBA", (300, 300), (255, 0, 0, 0))  # fully transparent "red"
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    jpeg, w, h = process_image(buf.getvalue(), ImageConfig(image_size=256))
+    assert (w, h) == (256, 256)
+    assert np.asarray(Image.open(io.BytesIO(jpeg))).min() > 245  # white, not red or black
+
+
+# ----------------------------------------------------------------------------- DALI
+
+
+def test_choose_decoder():
+    assert choose_decoder(ImageConfig(decoder="pil")) == "pil"
+    assert choose_decoder(ImageConfig(decoder="dali")) == "dali"
+    import torch
+
+    assert choose_decoder(ImageConfig(decoder="auto")) == ("dali" if torch.cuda.is_available() else "pil")
+
+
+def _dali_vs_pil(datas: list[bytes], cfg: ImageConfig, device: str) -> None:
+    results = process_images_dali(datas, cfg, device=device)
+    assert len(results) == len(datas)
+    for data, got in zip(datas, results):
+        jpeg, w, h = process_image(data, cfg)
+        assert not isinstance(got, SkipSample), got
+        assert got[1:] == (w, h) == Image.open(io.BytesIO(got[0])).size
+        a = np.asarray(Image.open(io.BytesIO(jpeg)), dtype=np.float32)
+        b = np.asarray(Image.open(io.BytesIO(got[0])), dtype=np.float32)
+        assert np.abs(a - b).mean() < 3.0
+
+
+def test_dali_cpu_matches_pil(real_paths, real_jpeg):
+    pytest.importorskip("nvidia.dali")
+    cfg = ImageConfig(image_size=200)
+    rotated = _with_orientation(Image.open(io.BytesIO(real_jpeg)).convert("RGB").resize((600, 400)), 6)
+    _dali_vs_pil([p.read_bytes() for p in real_paths[:4]] + [rotated], cfg, "cpu")
+
+
+def test_dali_cpu_bad_images_are_per_sample(real_paths, real_jpeg):
+    pytest.importorskip("nvidia.dali")
+    cfg = ImageConfig(image_size=200)
+    good = [p.read_bytes() for p in real_paths[:2]]
+    batch = [good[0], real_jpeg[: len(real_jpeg) // 2], b"", b"text", _png_bomb(20000, 20000), good[1]]
+    results = process_images_dali(batch, cfg, device="cpu")
+    reasons = [r.reason if isinstance(r, SkipSample) else None for r in results]
+    assert reasons == [None, "truncated", "empty", "not_image", "too_large", None]
+    assert results[0] == process_images_dali([good[0]], cfg, device="cpu")[0]  # deterministic
+    assert results[5][1:] == process_image(good[1], cfg)[1:]
+
+
+@pytest.mark.gpu
+def test_dali_gpu_matches_pil(real_paths, real_jpeg):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    cfg = ImageConfig(image_size=200)
+    rotated = _with_orientation(Image.open(io.BytesIO(real_jpeg)).convert("RGB").resize((600, 400)), 6)
+    _dali_vs_pil([p.read_bytes() for p in real_paths] + [rotated], cfg, "gpu")
+    batch = [real_paths[0].read_bytes(), real_jpeg[:2000], b"text"]
+    reasons = [r.reason if isinstance(r, SkipSample) else None for r in process_images_dali(batch, cfg, device="gpu")]
+    assert reasons == [None, "truncated", "not_image"]
