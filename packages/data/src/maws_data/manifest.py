@@ -1,0 +1,99 @@
+"""Atomic file writes, checksums, and the build's `manifest.json` (read and write).
+
+Every file a reader may look at is written to a temporary name in the same folder and renamed
+into place (`os.replace` is atomic on POSIX), so a reader never sees half a file, and a build
+killed at any moment leaves only complete files plus `.tmp` leftovers that the next run removes.
+
+manifest.json (schema `MANIFEST_VERSION`, written last by `maws_data.build`):
+    {"schema": 1, "inputs": [{"path", "sha256", "bytes"}], "config": {...resolved BuildConfig...},
+     "fingerprint": str, "counts": {"rows", "written", "labeled", "unlabeled", "skipped": {reason: n}},
+     "classes": int, "shards": [{"name", "samples", "labeled", "sha256", "bytes"}]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def dumps_json(obj: Any) -> str:
+    """Stable JSON text: sorted keys, fixed indent, trailing newline (two builds give equal bytes)."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, dumps_json(obj))
+
+
+def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete leftovers of interrupted atomic writes (`.<name>.*.tmp`) directly in `folder`."""
+    removed = []
+    for p in sorted(Path(folder).glob(f".*{TMP_SUFFIX}")):
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
+    """Check the counts add up, then write `out_dir/manifest.json` atomically."""
+    counts = manifest["counts"]
+    skipped = sum(counts["skipped"].values())
+    if counts["written"] + skipped != counts["rows"]:
+        raise AssertionError(f"manifest counts do not add up: written {counts['written']} + skipped "
+                             f"{skipped} != rows {counts['rows']}")
+    if counts["labeled"] + counts["unlabeled"] != counts["written"]:
+        raise AssertionError(f"manifest counts do not add up: labeled {counts['labeled']} + unlabeled "
+                             f"{counts['unlabeled']} != written {counts['written']}")
+    path = Path(out_dir) / MANIFEST_NAME
+    atomic_write_json(path, {"schema": MANIFEST_VERSION, **manifest})
+    return path
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """The manifest of a finished build; a clear error when the folder is not one."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest.json; is {out_dir} the --out folder of a finished "
+                                "`maws-data build`?")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("schema") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: manifest schema {manifest.get('schema')!r}, this maws-data reads "
+                         f"schema {MANIFEST_VERSION}")
+    return manifest

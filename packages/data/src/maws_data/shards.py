@@ -1,0 +1,192 @@
+"""One shard = one unit of work: fetch, decode and resize its rows' images, write the WebDataset tar,
+its DALI index, and its stats JSON (last: the commit marker).
+
+`write_shard(task)` is a pure function of the task (no global state besides DALI's pipeline cache),
+so the local process pool and Ray run exactly the same code, and two runs write identical bytes:
+samples go in row order, tar members carry fixed metadata (mtime 0, uid/gid 0, user/group "maws",
+mode 0444, USTAR), and JSON is written with sorted keys.
+
+Files, for shard NNNNNN in `shards/` (see ARCHITECTURE.md "Build output"):
+  shard-NNNNNN.tar    members KEY.cls, KEY.jpg, KEY.json per sample (webdataset's sorted order)
+  shard-NNNNNN.idx    DALI `fn.readers.webdataset` index, the format of DALI's tools/wds2idx.py:
+                      "v1.2 <samples>\\n", then one line per sample: "<ext> <data offset> <size> <name>"
+                      for each member, space-separated
+  shard-NNNNNN.json   stats (contract fields) + "fingerprint" (the build it belongs to) and
+                      "skipped_rows" (this shard's skipped rows, merged into skipped.jsonl at the end)
+Each is written under a temporary dot-name and renamed. A shard whose rows were all skipped has
+no tar and no index; its stats say `"shard": null, "samples": 0` and it is left out of the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from webdataset import TarWriter
+
+from maws_data.images import ImageConfig, SkipSample, load_image_bytes, process_image, process_images_dali
+from maws_data.manifest import atomic_write_json, atomic_write_text, sha256_file
+
+# Fixed tar metadata: with these, the tar bytes depend only on the samples (reproducible builds).
+TAR_USER = "maws"
+TAR_MODE = 0o444
+TAR_MTIME = 0
+IDX_VERSION = "v1.2"
+
+
+def shard_stem(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """One input row that passed the text checks: everything needed to write its sample."""
+
+    row: int
+    key: str  # webdataset-safe, unique in the build
+    source_key: str
+    image: str | bytes | None
+    base_dir: str
+    caption: str
+    hashtags: list[str]
+    wnids: list[str]  # kept synsets only, caption order
+    labels: list[int]  # their vocabulary indices
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    first_row: int
+    end_row: int  # exclusive
+    rows: list[ShardRow]
+    skipped: list[dict]  # rows already skipped by the text checks: {"row", "key", "reason", "detail"}
+    shards_dir: str
+    image: ImageConfig  # decoder already resolved to "pil" or "dali"
+    dali_device: str = "cpu"
+    fingerprint: str = ""
+
+    @property
+    def stem(self) -> str:
+        return shard_stem(self.index)
+
+
+def sample_json(r: ShardRow, width: int, height: int) -> bytes:
+    meta = {"key": r.key, "source_key": r.source_key, "caption": r.caption, "hashtags": r.hashtags,
+            "wnids": r.wnids, "labels": r.labels, "labeled": bool(r.labels), "width": width, "height": height}
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _images(task: ShardTask) -> list[tuple[bytes, int, int] | SkipSample]:
+    """Each row's processed image (jpeg, w, h) or the SkipSample saying why not, in row order."""
+    cfg = task.image
+    loaded: list[bytes | SkipSample] = []
+    for r in task.rows:
+        try:
+            loaded.append(load_image_bytes(r.image, base_dir=r.base_dir, cfg=cfg))
+        except SkipSample as e:
+            loaded.append(e)
+    if cfg.decoder == "dali":
+        ok = [i for i, d in enumerate(loaded) if isinstance(d, bytes)]
+        results: list = list(loaded)
+        for i, res in zip(ok, process_images_dali([loaded[i] for i in ok], cfg, device=task.dali_device)):
+            results[i] = res
+        return results
+    out: list[tuple[bytes, int, int] | SkipSample] = []
+    for d in loaded:
+        if isinstance(d, SkipSample):
+            out.append(d)
+            continue
+        try:
+            out.append(process_image(d, cfg))
+        except SkipSample as e:
+            out.append(e)
+    return out
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write the shard's tar, index and stats; return the stats dict (also in shard-NNNNNN.json)."""
+    shards = Path(task.shards_dir)
+    tar_path, idx_path = shards / f"{task.stem}.tar", shards / f"{task.stem}.idx"
+    tmp_tar = shards / f".{task.stem}.tar.tmp"
+    skipped = list(task.skipped)
+    samples = labeled = 0
+    with open(tmp_tar, "wb") as f:
+        writer = TarWriter(f, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False)
+        for r, res in zip(task.rows, _images(task)):
+            if isinstance(res, SkipSample):
+                skipped.append({"row": r.row, "key": r.source_key, "reason": res.reason, "detail": res.detail})
+                continue
+            jpeg, w, h = res
+            cls = str(r.labels[0] if r.labels else -1).encode("ascii")
+            writer.write({"__key__": r.key, "jpg": jpeg, "cls": cls, "json": sample_json(r, w, h)})
+            samples += 1
+            labeled += bool(r.labels)
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    skipped.sort(key=lambda s: s["row"])
+    if samples:
+        atomic_write_text(idx_path, dali_index(tmp_tar))
+        os.replace(tmp_tar, tar_path)
+        digest, size, name = sha256_file(tar_path), tar_path.stat().st_size, tar_path.name
+    else:
+        tmp_tar.unlink()
+        digest, size, name = None, 0, None
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+    stats = {"shard": name, "samples": samples, "labeled": labeled, "sha256": digest, "bytes": size,
+             "rows": [task.first_row, task.end_row], "skipped": reasons, "skipped_rows": skipped,
+             "fingerprint": task.fingerprint}
+    atomic_write_json(shards / f"{task.stem}.json", stats)  # last: the commit marker
+    return stats
+
+
+def dali_index(tar_path: str | Path) -> str:
+    """The DALI webdataset index of a tar, as DALI's tools/wds2idx.py writes it."""
+    bundles: list[list[str]] = []
+    last = None
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            if not m.isreg():
+                continue
+            # wds2idx splits at the first dot after the last '/': "dir/a.b.c" -> ("dir/a", "b.c")
+            dot = m.name.find(".", m.name.rfind("/") + 1)
+            base, ext = m.name[:dot], m.name[dot + 1:]
+            if not base or base.endswith("/"):
+                continue
+            entry = f"{ext} {m.offset_data} {m.size} {m.name}"
+            if base != last:
+                bundles.append([entry])
+                last = base
+            else:
+                bundles[-1].append(entry)
+    return f"{IDX_VERSION} {len(bundles)}\n" + "".join(" ".join(b) + "\n" for b in bundles)
+
+
+def completed_stats(shards_dir: str | Path, index: int, fingerprint: str, *, verify: bool = True) -> dict | None:
+    """The stats of a finished shard of this build, or None when it must be (re)written.
+
+    Finished means: the stats JSON exists and belongs to this build, and (when it has samples) the
+    tar exists with the recorded size and sha256 and the index exists.
+    """
+    shards = Path(shards_dir)
+    stem = shard_stem(index)
+    try:
+        stats = json.loads((shards / f"{stem}.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    if stats.get("fingerprint") != fingerprint:
+        return None
+    if stats["samples"]:
+        tar_path = shards / f"{stem}.tar"
+        if not tar_path.is_file() or tar_path.stat().st_size != stats["bytes"]:
+            return None
+        if not (shards / f"{stem}.idx").is_file():
+            return None
+        if verify and sha256_file(tar_path) != stats["sha256"]:
+            return None
+    return stats
