@@ -16,7 +16,9 @@ from maws_data.images import (
     ImageConfig,
     SkipSample,
     choose_decoder,
+    load_and_process_many,
     load_image_bytes,
+    load_many,
     process_image,
     process_images_dali,
     target_size,
@@ -110,6 +112,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b"oops") if n == 1 else self._send(200, self.image)
         elif path == "/always500.jpg":
             self._send(503, b"down")
+        elif path == "/img-then-hangup.jpg":  # keep-alive response, then the server drops the connection
+            self._send(200, self.image)
+            self.close_connection = True
         else:
             self._send(404, b"not found")
 
@@ -145,6 +150,29 @@ def test_http_download(server, real_jpeg):
     assert _Handler.hits["/always500.jpg"] == 2
     # after all that, the server still works (no connection left in a broken state)
     assert load_image_bytes(f"{server}/img.jpg", base_dir=".", cfg=cfg) == real_jpeg
+
+
+def test_http_stale_keepalive_is_not_a_failure(server, real_jpeg):
+    cfg = ImageConfig(timeout_s=2, retries=0)  # no retries: a reconnect must not need one
+    for _ in range(3):
+        assert load_image_bytes(f"{server}/img-then-hangup.jpg", base_dir=".", cfg=cfg) == real_jpeg
+
+
+def test_many_on_threads_keeps_order(server, real_paths):
+    cfg = ImageConfig(image_size=128, timeout_s=2, retries=0)
+    folder = str(real_paths[0].parent)
+    refs = [(p.name, folder) for p in real_paths] + [("nope.jpg", folder), (f"{server}/404.jpg", "."),
+                                                     (f"{server}/img.jpg", "."), (None, ".")]
+    loaded = load_many(refs, cfg, threads=4)
+    assert loaded[: len(real_paths)] == [p.read_bytes() for p in real_paths]
+    assert [x.reason for x in loaded[len(real_paths):] if isinstance(x, SkipSample)] == [
+        "missing_path", "download_failed", "null_image"]
+    assert loaded[-2] == real_paths[0].read_bytes()  # the server serves real_paths[0]
+    processed = load_and_process_many(refs, cfg, threads=4)
+    assert processed[: len(real_paths)] == [process_image(p.read_bytes(), cfg) for p in real_paths]
+    assert processed[-2] == processed[0]
+    assert [x.reason if isinstance(x, SkipSample) else None for x in processed[len(real_paths):]] == [
+        "missing_path", "download_failed", None, "null_image"]
 
 
 def test_connection_refused():

@@ -162,18 +162,12 @@ def _written(manifest: dict) -> int:
 # --------------------------------------------------------------------------- images stage only
 
 
-def _images_chunk(urls: list[str], image_size: int) -> int:
-    from maws_data.images import ImageConfig, SkipSample, load_image_bytes, process_image
+def _images_chunk(urls: list[str], image_size: int, threads: int) -> int:
+    from maws_data.images import ImageConfig, SkipSample, load_and_process_many
 
     cfg = ImageConfig(image_size=image_size, decoder="pil")
-    ok = 0
-    for url in urls:
-        try:
-            process_image(load_image_bytes(url, base_dir=".", cfg=cfg), cfg)
-            ok += 1
-        except SkipSample:
-            pass
-    return ok
+    results = load_and_process_many([(u, ".") for u in urls], cfg, threads=threads)
+    return sum(not isinstance(r, SkipSample) for r in results)
 
 
 def run_images_stage(source: Path, args) -> tuple[float, int]:
@@ -183,7 +177,7 @@ def run_images_stage(source: Path, args) -> tuple[float, int]:
     chunks = [urls[i::args.processes * 8] for i in range(args.processes * 8)]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.processes) as pool:
-        ok = sum(pool.starmap(_images_chunk, [(c, args.image_size) for c in chunks]))
+        ok = sum(pool.starmap(_images_chunk, [(c, args.image_size, args.our_threads) for c in chunks]))
     return time.perf_counter() - t0, ok
 
 
@@ -195,6 +189,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with captions.parquet and images/")
     ap.add_argument("--processes", type=int, default=2, help="worker processes, both tools")
     ap.add_argument("--threads", type=int, default=32, help="img2dataset download threads per process")
+    ap.add_argument("--our-threads", type=int, default=4, help="maws-data threads per process (images stage)")
     ap.add_argument("--image-size", type=int, default=256, help="shorter side after resize, both tools")
     ap.add_argument("--repeat", type=int, default=4, help="replicate the URL list this many times")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")

@@ -4,6 +4,9 @@ Two steps, each usable alone:
   load_image_bytes(ref, base_dir=..., cfg=...)  local path / raw bytes / http(s) URL -> encoded bytes
   process_image(data, cfg)                       encoded bytes -> (jpeg, width, height), Pillow-SIMD
   process_images_dali(datas, cfg, device=...)    the same for a batch, decoded and resized by DALI
+and for many rows at once, on a thread pool (results in input order, SkipSample in place of a result):
+  load_many(refs, cfg, threads=...)              [(ref, base_dir)] -> [bytes | SkipSample]
+  load_and_process_many(refs, cfg, threads=...)  [(ref, base_dir)] -> [(jpeg, w, h) | SkipSample]
 
 Every failure is a `SkipSample` with a short stable `.reason` (counted in the build manifest) and a
 human `.detail`. Reasons:
@@ -28,6 +31,8 @@ import io
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -207,6 +212,43 @@ def _drop_connection(scheme: str, netloc: str) -> None:
     conn = _connections.__dict__.get("pool", {}).pop((scheme, netloc), None)
     if conn is not None:
         conn.close()
+
+
+def load_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16
+              ) -> list[bytes | SkipSample]:
+    """load_image_bytes for many (ref, base_dir) pairs on a thread pool, results in input order.
+
+    Downloads are latency-bound: threads keep many requests in flight per process.
+    """
+    def one(item):
+        try:
+            return load_image_bytes(item[0], base_dir=item[1], cfg=cfg)
+        except SkipSample as e:
+            return e
+
+    if threads <= 1 or len(refs) <= 1:
+        return [one(r) for r in refs]
+    with ThreadPoolExecutor(min(threads, len(refs))) as pool:
+        return list(pool.map(one, refs))
+
+
+def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16
+                          ) -> list[tuple[bytes, int, int] | SkipSample]:
+    """load_image_bytes + process_image (Pillow) per (ref, base_dir) on a thread pool, in input order.
+
+    One thread does one row end to end, so waiting on the network overlaps with decoding, which
+    Pillow runs without the GIL (decode, resize and encode release it).
+    """
+    def one(item):
+        try:
+            return process_image(load_image_bytes(item[0], base_dir=item[1], cfg=cfg), cfg)
+        except SkipSample as e:
+            return e
+
+    if threads <= 1 or len(refs) <= 1:
+        return [one(r) for r in refs]
+    with ThreadPoolExecutor(min(threads, len(refs))) as pool:
+        return list(pool.map(one, refs))
 
 
 # ---------------------------------------------------------------------------------------------
