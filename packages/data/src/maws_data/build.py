@@ -52,6 +52,7 @@ SKIPPED_NAME = "skipped.jsonl"
 SHARDS_DIR = "shards"
 # Config fields that do not change the output bytes (how the work is run, where, how it is shown).
 RUNTIME_FIELDS = ("out", "processes", "runner", "ray_address", "overwrite", "progress")
+MANIFEST_OMITS = ("out", "overwrite", "progress")
 KEY_MAX_LEN = 64  # tar USTAR names hold 100 bytes; leave room for ".json" and margin
 UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -404,7 +405,9 @@ def _finish(out: Path, cfg: BuildConfig, resolved: dict, inputs: list[dict], fin
     labeled = sum(s["labeled"] for s in all_stats)
     manifest = {
         "inputs": inputs,
-        "config": resolved,
+        # the manifest lives in `out`, and overwrite/progress do not shape it: left out, so a resumed
+        # or re-run build writes the same manifest bytes
+        "config": {k: v for k, v in resolved.items() if k not in MANIFEST_OMITS},
         "fingerprint": fingerprint,
         "counts": {"rows": rows, "written": written, "labeled": labeled, "unlabeled": written - labeled,
                    "skipped": dict(sorted(reasons.items()))},
@@ -422,7 +425,7 @@ def _print_summary(manifest: dict, vocab: Vocabulary, *, resumed: int, t_text: f
     from rich.table import Table
 
     c = manifest["counts"]
-    table = Table(title=f"maws-data build: {manifest['config']['out']}")
+    table = Table(title="maws-data build")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("input rows", str(c["rows"]))

@@ -1,0 +1,141 @@
+"""`maws-data`: build WebDataset shards with WordNet labels from a captions table, and inspect them.
+
+    maws-data build --source ../shared/data/instagram/captions.parquet --out data/ig --image-size 224
+    maws-data inspect data/ig
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Build and inspect MAWS datasets: captions -> hashtags -> WordNet synsets -> WebDataset shards.")
+
+
+class Runner(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class Decoder(str, Enum):
+    auto = "auto"
+    pil = "pil"
+    dali = "dali"
+
+
+@app.command()
+def build(
+    source: Annotated[Path, typer.Option(help="Captions table: a parquet/CSV/JSONL file or a folder of them. "
+                                              "Relative image paths resolve against each file's folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder (manifest.json, vocabulary.tsv, hashtag_map.tsv, "
+                                           "skipped.jsonl, shards/). Rerunning on it resumes the build.")],
+    image_size: Annotated[int, typer.Option(help="Shorter side of the stored images in pixels (never upscaled).")] = 256,
+    shard_size: Annotated[int, typer.Option(help="Input rows per shard (skipped rows included).")] = 1000,
+    min_count: Annotated[int, typer.Option(help="Keep WordNet synsets with at least this many images.")] = 10,
+    max_classes: Annotated[Optional[int], typer.Option(help="Keep at most this many synsets, most frequent first "
+                                                            "(ties by wnid). Default: no limit.")] = None,
+    processes: Annotated[int, typer.Option(help="Worker processes (local runner; CPUs for a local Ray). "
+                                                "0 = all cores.")] = 0,
+    runner: Annotated[Runner, typer.Option(help="Run shard tasks in local processes or on Ray.")] = Runner.local,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray (default: a "
+                                                            "running cluster, else a local one).")] = None,
+    decoder: Annotated[Decoder, typer.Option(help="Image decoder: pil (Pillow-SIMD, CPU), dali (GPU when present), "
+                                                  "auto (dali with CUDA, else pil).")] = Decoder.auto,
+    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of the stored images.")] = 90,
+    key_column: Annotated[str, typer.Option(help="Name of the key column in the source.")] = "key",
+    image_column: Annotated[str, typer.Option(help="Name of the image column: path, URL or bytes.")] = "image",
+    caption_column: Annotated[str, typer.Option(help="Name of the caption column.")] = "caption",
+    stoplist: Annotated[Optional[Path], typer.Option(help="File of hashtags to ignore, one per line, replacing the "
+                                                          "built-in stop list of generic tags (#instagood, ...).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per image download attempt.")] = 10.0,
+    retries: Annotated[int, typer.Option(help="Download retries after a timeout, connection error or 5xx.")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing build in --out made from another input or "
+                                                 "config (otherwise refused).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar and a summary table on stderr.")] = True,
+) -> None:
+    """Build WebDataset shards, vocabulary and manifest from a captions table (resumable)."""
+    from maws_data.build import BuildConfig, BuildError
+    from maws_data.build import build as run_build
+    from maws_data.sources import SourceError
+
+    try:
+        cfg = BuildConfig(source=str(source), out=str(out), key_column=key_column, image_column=image_column,
+                          caption_column=caption_column, image_size=image_size, jpeg_quality=jpeg_quality,
+                          shard_size=shard_size, min_count=min_count, max_classes=max_classes,
+                          stoplist=str(stoplist) if stoplist else None, decoder=decoder.value, timeout_s=timeout,
+                          retries=retries, processes=processes, runner=runner.value, ray_address=ray_address,
+                          overwrite=overwrite, progress=progress)
+        if stoplist is not None and not stoplist.is_file():
+            raise BuildError(f"--stoplist {stoplist}: no such file")
+        result = run_build(cfg)
+    except (SourceError, BuildError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(result))
+
+
+@app.command()
+def inspect(
+    build_dir: Annotated[Path, typer.Argument(help="The --out folder of a finished `maws-data build`.")],
+    top: Annotated[int, typer.Option(help="How many classes to list, most frequent first.")] = 10,
+    samples: Annotated[int, typer.Option(help="How many samples to show from the first shard.")] = 3,
+) -> None:
+    """Print a build's manifest summary, its top classes and a few samples."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from maws_data.manifest import read_manifest
+    from maws_data.vocab import Vocabulary
+
+    try:
+        manifest = read_manifest(build_dir)
+        vocab = Vocabulary.load(build_dir)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    console = Console(width=120)
+    c = manifest["counts"]
+    console.print(f"[bold]{build_dir}[/bold]  inputs: " + ", ".join(f"{i['path']} (sha256 {i['sha256'][:12]})"
+                                                                   for i in manifest["inputs"]))
+    console.print(f"rows {c['rows']}  written {c['written']}  labeled {c['labeled']}  unlabeled {c['unlabeled']}  "
+                  f"skipped {sum(c['skipped'].values())} {json.dumps(c['skipped'], sort_keys=True)}")
+    console.print(f"classes {manifest['classes']}  shards {len(manifest['shards'])}  "
+                  f"bytes {sum(s['bytes'] for s in manifest['shards'])}  image_size {manifest['config']['image_size']}")
+    table = Table(title=f"top {min(top, len(vocab))} classes")
+    for col in ("index", "wnid", "name", "count", "hashtags"):
+        table.add_column(col)
+    for i in range(min(top, len(vocab))):
+        table.add_row(str(i), vocab.wnids[i], vocab.names[i], str(vocab.counts[i]), " ".join(vocab.hashtags[i][:6]))
+    console.print(table)
+    if manifest["shards"] and samples > 0:
+        _print_samples(console, Path(build_dir) / manifest["shards"][0]["name"], samples)
+
+
+def _print_samples(console, tar_path: Path, n: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"first {n} samples of {tar_path.name}")
+    for col in ("key", "cls", "size", "wnids", "caption"):
+        table.add_column(col)
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            if not m.name.endswith(".json"):
+                continue
+            meta = json.loads(tf.extractfile(m).read())
+            caption = meta["caption"] if len(meta["caption"]) <= 60 else meta["caption"][:57] + "..."
+            table.add_row(meta["key"], str(meta["labels"][0] if meta["labels"] else -1),
+                          f"{meta['width']}x{meta['height']}", " ".join(meta["wnids"]), caption)
+            n -= 1
+            if n == 0:
+                break
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()
