@@ -10,7 +10,7 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 from maws_data.images import (
     ImageConfig,
@@ -335,3 +335,22 @@ def test_dali_gpu_matches_pil(real_paths, real_jpeg):
     batch = [real_paths[0].read_bytes(), real_jpeg[:2000], b"text"]
     reasons = [r.reason if isinstance(r, SkipSample) else None for r in process_images_dali(batch, cfg, device="gpu")]
     assert reasons == [None, "truncated", "not_image"]
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "P"), ("GIF", "P"),
+                                      ("PNG", "I;16"), ("WEBP", "RGB"), ("BMP", "RGB"), ("TIFF", "RGB")])
+def test_other_formats_and_modes(real_jpeg, fmt, mode):
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("this Pillow build has no WebP support")
+    src = Image.open(io.BytesIO(real_jpeg)).convert("RGB").resize((400, 300))
+    im = src.convert(mode) if mode != "I;16" else Image.fromarray(
+        (np.asarray(src.convert("L"), dtype=np.uint16) * 257))  # a uint16 array gives mode I;16
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    jpeg, w, h = process_image(buf.getvalue(), ImageConfig(image_size=150))
+    out = Image.open(io.BytesIO(jpeg))
+    assert (out.format, out.mode, out.size, (w, h)) == ("JPEG", "RGB", (200, 150), (200, 150))
+    ref = np.asarray(src.resize((200, 150), Image.Resampling.BICUBIC).convert(
+        "L" if mode in ("L", "I;16") else "RGB").convert("RGB"), dtype=np.float32)
+    tol = 12.0 if mode == "P" else 6.0  # palette quantisation
+    assert np.abs(np.asarray(out, dtype=np.float32) - ref).mean() < tol

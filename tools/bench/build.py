@@ -133,8 +133,9 @@ print(json.dumps({"seconds_in_process": time.perf_counter() - t0}))
 
 def our_kwargs(source: Path, out: Path, args) -> dict:
     """BuildConfig fields for maws_data.build (see packages/data/src/maws_data/build.py)."""
-    return {"source": str(source), "out": str(out), "image_size": args.image_size,
-            "workers": args.processes, "decoder": "pil"}
+    return {"source": str(source), "out": str(out), "image_size": args.image_size, "jpeg_quality": 90,
+            "processes": args.processes, "shard_size": 1000, "decoder": args.decoder, "progress": False,
+            "timeout_s": 10.0, "retries": 2}
 
 
 def run_ours(source: Path, out: Path, args) -> tuple[float, int]:
@@ -152,11 +153,7 @@ def run_ours(source: Path, out: Path, args) -> tuple[float, int]:
 
 
 def _written(manifest: dict) -> int:
-    counts = manifest.get("counts", {})
-    for k in ("written", "samples", "images"):
-        if isinstance(counts.get(k), int):
-            return counts[k]
-    return sum(s.get("samples", 0) for s in manifest.get("shards", []))
+    return manifest["counts"]["written"]
 
 
 # --------------------------------------------------------------------------- images stage only
@@ -190,6 +187,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2, help="worker processes, both tools")
     ap.add_argument("--threads", type=int, default=32, help="img2dataset download threads per process")
     ap.add_argument("--our-threads", type=int, default=4, help="maws-data threads per process (images stage)")
+    ap.add_argument("--decoder", default="pil", choices=["auto", "pil", "dali"], help="maws-data decoder")
     ap.add_argument("--image-size", type=int, default=256, help="shorter side after resize, both tools")
     ap.add_argument("--repeat", type=int, default=4, help="replicate the URL list this many times")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
