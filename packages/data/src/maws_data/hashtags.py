@@ -1,0 +1,145 @@
+"""Hashtag mining: free-text caption -> normalised hashtags (step 1 of `maws-data build`).
+
+Rules (docs/hashtags.md has the full list with examples):
+
+* A hashtag is `#` (or the full-width `＃`) followed by tag characters: letters, combining marks,
+  decimal digits, connector punctuation (`_`) and the joiners ZWNJ/ZWJ that Indic and Persian
+  scripts need. Any other character ends the tag, so trailing punctuation and emoji are dropped:
+  `#café!` -> `café`, `#sunset🌅` -> `sunset`. Non-Latin scripts are kept: `#日本` -> `日本`.
+* A `#` starts a tag only at the start of a whitespace-delimited chunk, after a character that is
+  not a tag character (`(#tag)`, `,#tag`), or right where the previous tag ended (`#a#b` -> a, b).
+  `foo#bar` and the HTML entity `&#39;` give nothing.
+* Nothing inside a URL (`http://x.org/#frag`, `www.x.org/#frag`) or an e-mail address
+  (`a#b@example.com`) counts.
+* A tag needs at least one letter (`#1`, `#2019` are not tags, as on Twitter).
+* Each tag is NFKC-normalised and case-folded; duplicates within a caption are removed, keeping the
+  first occurrence's order. Tags are returned without the `#`.
+
+Two entry points give identical results (tests/data/test_hashtags.py checks it on real tweets):
+`extract_hashtags(text)` for one caption, and `extract_hashtags_batch(texts)`, the fast path the
+builder uses: the chunking regex runs in Rust over the whole column (polars), and the Python rules
+above run only once per DISTINCT chunk (cached), never once per caption.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import polars as pl
+
+# Whitespace spelled out, so that Python's `re` and polars' Rust `regex` agree exactly (their `\s`
+# differ on U+001C..U+001F and U+0085). These are the Unicode White_Space characters.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_HASH = "#＃"
+# A whitespace-delimited chunk that contains a hash sign. Leftmost-first matching makes the greedy
+# prefix start at the chunk's first character, so the match is always the whole chunk in both engines.
+CHUNK_PATTERN = f"[^{_WS}]*[{_HASH}][^{_WS}]*"
+_CHUNK_RE = re.compile(CHUNK_PATTERN)
+
+# URLs run to the end of their chunk (they cannot contain whitespace); a scheme or "www." starts one.
+_URL_RE = re.compile(r"(?:\b[a-z][a-z0-9+.\-]*://|\bwww\.).*", re.IGNORECASE | re.DOTALL)
+# RFC 5322 local-part characters (which include '#') @ a dotted domain.
+_EMAIL_RE = re.compile(r"[\w.!#$%&'*+/=?^`{|}~\-]+@[\w\-]+(?:\.[\w\-]+)+")
+
+_TAG_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Nd", "Nl", "Pc"})
+_JOINERS = "\u200c\u200d"
+
+
+@lru_cache(maxsize=1 << 16)
+def _is_tag_char(ch: str) -> bool:
+    if ch in _JOINERS:
+        return True
+    # Variation selectors are combining marks (Mn) but only style the emoji before them: a lone
+    # U+FE0F after a tag (common in scraped tweets) must not become part of it.
+    if "\ufe00" <= ch <= "\ufe0f" or "\U000e0100" <= ch <= "\U000e01ef":
+        return False
+    return unicodedata.category(ch) in _TAG_CATEGORIES
+
+
+def normalise_tag(body: str) -> str:
+    """NFKC + casefold (+ NFKC again: casefolding can leave a non-NFKC string), joiners trimmed.
+
+    Returns "" for a body without a letter, which callers drop.
+    """
+    tag = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", body).casefold()).strip(_JOINERS)
+    if not any(unicodedata.category(ch).startswith("L") for ch in tag):
+        return ""
+    return tag
+
+
+@lru_cache(maxsize=1 << 20)
+def chunk_tags(chunk: str) -> tuple[str, ...]:
+    """Normalised hashtags of one whitespace-free chunk, in order (may repeat; callers dedupe).
+
+    Cached: real captions repeat the same chunks (`#love`, `#travel`) over and over.
+    """
+    chunk = _EMAIL_RE.sub(" ", _URL_RE.sub(" ", chunk))
+    tags: list[str] = []
+    n = len(chunk)
+    prev_end = -1  # index just past the body of the last tag that started, for chains like #a#b
+    i = _next_hash(chunk, 0)
+    while i != -1:
+        j = i + 1
+        while j < n and _is_tag_char(chunk[j]):
+            j += 1
+        before = chunk[i - 1] if i else ""
+        if i == 0 or i == prev_end or (before != "&" and not _is_tag_char(before)):
+            prev_end = j
+            tag = normalise_tag(chunk[i + 1 : j])
+            if tag:
+                tags.append(tag)
+        i = _next_hash(chunk, i + 1)
+    return tuple(tags)
+
+
+def _next_hash(s: str, start: int) -> int:
+    a, b = s.find("#", start), s.find("＃", start)
+    return b if a == -1 else a if b == -1 else min(a, b)
+
+
+def extract_hashtags(text: str | None) -> list[str]:
+    """Normalised hashtags of one caption, first-occurrence order, no duplicates, without '#'.
+
+    >>> extract_hashtags("Golden hour #Sunset🌅 #beach,#SUNSET see http://x.org/#frag")
+    ['sunset', 'beach']
+    """
+    if not text:
+        return []
+    out: dict[str, None] = {}
+    for chunk in _CHUNK_RE.findall(text):
+        for tag in chunk_tags(chunk):
+            out.setdefault(tag)
+    return list(out)
+
+
+def extract_hashtags_series(texts: "pl.Series | list[str | None]") -> "pl.Series":
+    """Vectorised `extract_hashtags`: a polars List[String] Series, one list per caption (nulls -> []).
+
+    The chunk regex runs in Rust over the column; `chunk_tags` runs once per distinct chunk; the
+    per-caption flatten + dedupe runs in Rust again (`list.unique(maintain_order=True)`).
+    """
+    import polars as pl
+
+    s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
+    chunks = s.cast(pl.String).str.extract_all(CHUNK_PATTERN).fill_null([])
+    distinct = chunks.explode().drop_nulls().unique()
+    # Tags never contain U+001F (a control character is not a tag character), so each chunk's tags
+    # travel as one joined string through `replace_strict` and are split back afterwards.
+    joined = ["\x1f".join(chunk_tags(c)) for c in distinct.to_list()]
+    return (
+        chunks.list.eval(pl.element().replace_strict(distinct, joined, default="", return_dtype=pl.String))
+        .list.join("\x1f")
+        .str.split("\x1f")
+        .list.eval(pl.element().filter(pl.element() != ""))
+        .list.unique(maintain_order=True)
+        .alias("hashtags")
+    )
+
+
+def extract_hashtags_batch(texts: "pl.Series | list[str | None]") -> list[list[str]]:
+    """Same result as `[extract_hashtags(t) for t in texts]`, computed by `extract_hashtags_series`."""
+    return extract_hashtags_series(texts).to_list()
