@@ -116,7 +116,7 @@ def extract_hashtags(text: str | None) -> list[str]:
     return list(out)
 
 
-def extract_hashtags_series(texts: "pl.Series | list[str | None]") -> "pl.Series":
+def extract_hashtags_series(texts: pl.Series | list[str | None]) -> pl.Series:
     """Vectorised `extract_hashtags`: a polars List[String] Series, one list per caption (nulls -> []).
 
     The chunk regex runs in Rust over the column; `chunk_tags` runs once per distinct chunk; the
@@ -140,6 +140,6 @@ def extract_hashtags_series(texts: "pl.Series | list[str | None]") -> "pl.Series
     )
 
 
-def extract_hashtags_batch(texts: "pl.Series | list[str | None]") -> list[list[str]]:
+def extract_hashtags_batch(texts: pl.Series | list[str | None]) -> list[list[str]]:
     """Same result as `[extract_hashtags(t) for t in texts]`, computed by `extract_hashtags_series`."""
     return extract_hashtags_series(texts).to_list()

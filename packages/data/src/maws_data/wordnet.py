@@ -29,10 +29,11 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import polars as pl
@@ -43,34 +44,37 @@ Rule = Literal["lemma", "morphy", "split", "concat", "segment", "stopword", "amb
 # that say nothing about what is in the picture. The most frequent ones in harrison_tags.txt and the
 # TweetEval tweets were read by hand. Entries that look like wnids ("n07543288") stop a synset
 # whatever tag leads to it.
-DEFAULT_STOPWORDS: tuple[str, ...] = (
-    # engagement bait
-    "instagood", "photooftheday", "picoftheday", "bestoftheday", "photoftheday", "potd", "tbt",
-    "like", "likes", "like4like", "likeforlike", "l4l", "lfl", "likeforfollow", "likeback",
-    "follow", "followme", "follow4follow", "followforfollow", "f4f", "followback", "fff",
-    "tagsforlikes", "tagforlikes", "tflers", "shoutout", "s4s", "spam4spam", "comment", "c4c",
-    "commentforcomment", "repost", "regram", "hashtag", "tags", "tag",
-    # app and platform names
-    "instagram", "insta", "ig", "igers", "iger", "igdaily", "instadaily", "instalike", "instamood",
-    "instapic", "instacool", "instafollow", "instalove", "instahub", "instaphoto", "instasize",
-    "instalife", "instafashion", "webstagram", "statigram", "snapchat", "vsco", "vscocam",
-    "vscogood", "nofilter", "iphoneonly", "iphonesia", "picstitch", "photo", "photos", "pic",
-    "pics", "picture", "pictures", "photography", "photographer", "photograph",
-    # time words
-    "throwback", "throwbackthursday", "flashback", "fbf", "today", "now", "daily", "day", "time",
-    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "weekend",
-    "january", "february", "march", "april", "may", "june", "july", "august", "september",
-    "october", "november", "december",
-    # moods, praise and abstractions
-    "love", "loveit", "loveyou", "iloveyou", "lovely", "happy", "happiness", "fun", "funny", "cute",
-    "beautiful", "beauty", "amazing", "awesome", "cool", "nice", "good", "best", "new", "old",
-    "lol", "omg", "swag", "yolo", "me", "life", "lifestyle", "goodtimes", "goodmorning",
-    "goodnight", "goodvibes", "vibes", "mood", "blessed", "motivation", "inspiration", "quote",
-    "quotes", "truth", "bored", "tired", "sexy", "hot", "pretty", "sweet", "yum", "yummy", "memory",
-    "memories", "moment", "moments", "art",
-    # photo-style suffixes: foodporn, earthporn are pictures OF food, earth (dropped as a trailing
-    # word by rules 4 and 6); black-and-white is a photo style (WordNet sense 1 is "in writing")
-    "porn", "blackandwhite", "bnw", "bw",
+_DEFAULT_STOPWORDS_TEXT = """
+# engagement bait
+instagood photooftheday picoftheday bestoftheday photoftheday potd tbt
+like likes like4like likeforlike l4l lfl likeforfollow likeback
+follow followme follow4follow followforfollow f4f followback fff
+tagsforlikes tagforlikes tflers shoutout s4s spam4spam comment c4c
+commentforcomment repost regram hashtag tags tag
+# app and platform names
+instagram insta ig igers iger igdaily instadaily instalike instamood
+instapic instacool instafollow instalove instahub instaphoto instasize
+instalife instafashion webstagram statigram snapchat vsco vscocam
+vscogood nofilter iphoneonly iphonesia picstitch photo photos pic
+pics picture pictures photography photographer photograph
+# time words
+throwback throwbackthursday flashback fbf today now daily day time
+monday tuesday wednesday thursday friday saturday sunday weekend
+january february march april may june july august september
+october november december
+# moods, praise and abstractions
+love loveit loveyou iloveyou lovely happy happiness fun funny cute
+beautiful beauty amazing awesome cool nice good best new old
+lol omg swag yolo me life lifestyle goodtimes goodmorning
+goodnight goodvibes vibes mood blessed motivation inspiration quote
+quotes truth bored tired sexy hot pretty sweet yum yummy memory
+memories moment moments art
+# photo-style suffixes: foodporn, earthporn are pictures OF food, earth (dropped as a trailing
+# word by rules 4 and 6); black-and-white is a photo style (WordNet sense 1 is "in writing")
+porn blackandwhite bnw bw
+"""
+DEFAULT_STOPWORDS: tuple[str, ...] = tuple(
+    w for line in _DEFAULT_STOPWORDS_TEXT.splitlines() if not line.startswith("# ") for w in line.split()
 )
 
 _WNID_RE = re.compile(r"^n\d{8}$")
@@ -78,11 +82,19 @@ _WNID_RE = re.compile(r"^n\d{8}$")
 _PREPOSITIONS = frozenset({"of", "on", "in", "at", "for", "with", "from", "by", "to", "and"})
 # Plural endings for the concatenation index, which morphy cannot reduce (morphy only knows lemmas
 # that exist with separators). Same suffix rules as WordNet's morphy for nouns.
-_NOUN_SUFFIXES = (("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
-                  ("men", "man"), ("ies", "y"), ("s", ""))
+_NOUN_SUFFIXES = (
+    ("ses", "s"),
+    ("xes", "x"),
+    ("zes", "z"),
+    ("ches", "ch"),
+    ("shes", "sh"),
+    ("men", "man"),
+    ("ies", "y"),
+    ("s", ""),
+)
 
 NLTK_HELP = (
-    'Run `uv run python -c "import nltk; nltk.download(\'wordnet\')"` on a machine with internet, '
+    "Run `uv run python -c \"import nltk; nltk.download('wordnet')\"` on a machine with internet, "
     "or set NLTK_DATA to a folder holding corpora/wordnet/ (e.g. NLTK_DATA=../shared/data/nltk_data). "
     "Debian's wordnet-base package alone is not enough: nltk also needs lexnames and index.sense."
 )
@@ -96,7 +108,7 @@ class WordNetMissingError(LookupError):
 class MappingConfig:
     """How hashtags map to synsets. Defaults are the documented behaviour (docs/hashtags.md).
 
-    stoplist_path: a UTF-8 file with one stop word per line ('#' starts a comment); it REPLACES the
+    stoplist_path: a UTF-8 file with one stop word per line, '#' optional ("# " starts a comment); it REPLACES the
         built-in DEFAULT_STOPWORDS. Entries may be hashtags or wnids.
     extra_stopwords: added to the stop list (the built-in one or the file's).
     ambiguity: "most_frequent" (sense 1), "all" (every noun sense), "skip" (only unambiguous lemmas).
@@ -126,7 +138,8 @@ class MappingConfig:
             if not path.is_file():
                 raise FileNotFoundError(f"stop list {path} not found (expected one word per line)")
             lines = path.read_text(encoding="utf-8").splitlines()
-            words = (line.split("#", 1)[0].strip() for line in lines)
+            # "# text" (hash + space) is a comment, whole-line or trailing; "#dog" is a word.
+            words = (re.sub(r"(^|\s)#(\s.*)?$", "", line).strip() for line in lines)
         return frozenset(_fold(w.lstrip("#＃")) for w in (*words, *self.extra_stopwords) if w.strip())
 
 
@@ -224,7 +237,7 @@ class HashtagMapper:
         """{tag: wnids} for the distinct tags given."""
         return {t: self.map(t) for t in dict.fromkeys(tags)}
 
-    def map_series(self, tag_lists: "pl.Series") -> "pl.Series":
+    def map_series(self, tag_lists: pl.Series) -> pl.Series:
         """Vectorised mapping of a List[String] Series of hashtags to a List[String] Series of wnids.
 
         Each distinct tag is resolved once; per row the wnids keep the tags' order, without

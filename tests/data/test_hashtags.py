@@ -1,0 +1,80 @@
+"""maws_data.hashtags: hand-written edge cases, and the batch path against the per-caption one on real tweets."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from maws_data.hashtags import extract_hashtags, extract_hashtags_batch, extract_hashtags_series
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+TWEETS = SHARED / "text" / "tweets_emoji_train_text.txt"
+
+
+@pytest.fixture(scope="module")
+def tweets() -> list[str]:
+    if not TWEETS.exists():
+        pytest.skip(f"real tweets not found at {TWEETS}")
+    return TWEETS.read_text(encoding="utf-8").split("\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("see http://example.org/page#fragment #real", ["real"]),
+        ("https://x.org/#a,#b and www.example.com/#c", []),
+        ("write to john#doe@example.com or #ask", ["ask"]),
+        ("#a#b", ["a", "b"]),
+        ("#Trunks#WestHollywood#WeHo", ["trunks", "westhollywood", "weho"]),
+        ("#café!", ["café"]),
+        ("#日本 #ไทย #हिन्दी", ["日本", "ไทย", "हिन्दी"]),
+        ("#sunset🌅 #beach❤️ #friends\ufe0f", ["sunset", "beach", "friends"]),
+        ("#Hello #hello #HELLO", ["hello"]),
+        ("#Straße #STRASSE", ["strasse"]),  # casefold: ß -> ss, so one tag
+        ("＃Ｆｕｌｌ #ﬁsh", ["full", "fish"]),  # full-width hash and letters, ligature: NFKC
+        ("Netflix#lit &#39; C#", []),  # '#' after a letter or '&' starts no tag
+        ("(#paren) ,#comma ##double", ["paren", "comma", "double"]),
+        ("#1 #2019 #x2 #__", ["x2"]),  # a tag needs a letter
+        ("#snake_case #mom's #rock'n'roll", ["snake_case", "mom", "rock"]),
+        (None, []),
+        ("", []),
+        ("no tags here", []),
+    ],
+)
+def test_edge_cases(text, expected):
+    assert extract_hashtags(text) == expected
+    assert extract_hashtags_batch([text]) == [expected]
+
+
+def test_batch_accepts_series_and_keeps_order_and_nulls():
+    texts = pl.Series("caption", ["#b #a #b", None, "", "#c"], dtype=pl.String)
+    out = extract_hashtags_series(texts)
+    assert out.dtype == pl.List(pl.String)
+    assert out.to_list() == [["b", "a"], [], [], ["c"]]
+    assert extract_hashtags_batch(texts) == [["b", "a"], [], [], ["c"]]
+
+
+def test_real_tweets_known_lines(tweets):
+    # Lines read by hand: chains, a tag glued to a word, an HTML entity, emoji residue before '#'.
+    assert extract_hashtags(tweets[236]) == ["sunday", "trunks", "westhollywood", "weho"]
+    assert extract_hashtags(tweets[233]) == ["laesclavablanca"]  # "Netflix#lit" is not a tag
+    assert extract_hashtags(tweets[455]) == []  # "Snow#gameofthrones"
+    assert extract_hashtags(tweets[580]) == [
+        "rurallife",
+        "ruralamerica",
+        "nevada",
+        "lund",
+        "basinandrange",
+        "basin",
+        "usa",
+    ]  # "Summertime#rural" is glued; "#basin&amp;range" stops at '&'; "#usa #usa" deduped
+    assert extract_hashtags(tweets[103]) == ["goldenbaby_franki", "myminime", "summertime"]
+
+
+def test_batch_equals_per_caption_on_real_tweets(tweets):
+    sample = tweets[:5000]
+    expected = [extract_hashtags(t) for t in sample]
+    assert extract_hashtags_batch(sample) == expected
+    assert extract_hashtags_batch(pl.Series(sample)) == expected
+    # the sample really exercises the extractor: many tags, many captions with none
+    assert sum(map(len, expected)) > 5000
+    assert sum(1 for tags in expected if not tags) > 1000
