@@ -1,0 +1,131 @@
+"""Everything torch.distributed: process-group setup from the torchrun environment, wrapping the model
+(compile, then DDP or FSDP2), collectives the loops need, and full (unsharded) state dicts for checkpoints.
+
+The loops only see `Dist` (rank, world size, device), `parallelize`, and the helpers below. Launch:
+    torchrun --nproc_per_node=8 -m maws_train.cli mae b16_mae --set data.shards=DIR
+(CUDA -> NCCL; CPU -> gloo, which is what the 2-process test uses).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Dist:
+    """Join the torchrun process group if WORLD_SIZE > 1; pick cuda:LOCAL_RANK when CUDA exists, else CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args: Any) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def parallelize(
+    model: nn.Module, *, d: Dist, mode: Literal["ddp", "fsdp"], compile: bool, blocks: list[nn.Module]
+) -> nn.Module:
+    """Wrap `model` for training; returns the module to call. State dicts are taken from `model` itself.
+
+    Order matters: torch.compile goes inside the data-parallel wrapper (per block for FSDP2, so that each
+    sharded block is one compiled graph; whole-model for DDP, where DDPOptimizer splits graphs at bucket
+    boundaries). FSDP2 shards each transformer block, then the root (embeddings, norms, heads).
+    """
+    if compile and d.device.type == "cuda":
+        if mode == "fsdp":
+            for blk in blocks:
+                blk.compile()
+        else:
+            model.compile()
+    if d.world_size == 1:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in blocks:
+            fully_shard(blk)
+        fully_shard(model)
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place, returned); a no-op on one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's `obj` (JSON-able), in rank order, on every rank."""
+    if d.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict with plain FQNs (no module./_orig_mod. prefixes), for DDP, FSDP2 or none."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Unsharded optimizer state keyed by parameter FQN (so it does not depend on parameter order)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_train_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any]
+) -> None:
+    """Inverse of model_state/optimizer_state; every rank passes the full state (FSDP2 re-shards it)."""
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
