@@ -265,8 +265,7 @@ def safe_key(key: str, row: int, used: set[str]) -> str:
 def _map_tags(plan: pl.DataFrame, cfg: BuildConfig) -> pl.DataFrame:
     """Map every distinct hashtag once: hashtag, wnids (list), rule."""
     distinct = sorted(set(plan["hashtags"].explode().drop_nulls().to_list()))
-    mapping_cfg = MappingConfig(stoplist=cfg.stoplist) if cfg.stoplist else MappingConfig()
-    mapper = HashtagMapper(mapping_cfg)
+    mapper = HashtagMapper(MappingConfig(stoplist_path=cfg.stoplist))
     wnids, rules = {}, {}
     for tag in distinct:
         w, rule = mapper.explain(tag)

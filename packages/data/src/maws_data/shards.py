@@ -6,6 +6,10 @@ so the local process pool and Ray run exactly the same code, and two runs write 
 samples go in row order, tar members carry fixed metadata (mtime 0, uid/gid 0, user/group "maws",
 mode 0444, USTAR), and JSON is written with sorted keys.
 
+The tar is written with `tarfile` the way webdataset's `TarWriter` writes it (members of a sample in
+sorted extension order, USTAR), not with `TarWriter` itself: importing webdataset imports torch,
+which costs every spawned worker seconds and ~300 MB; tests read the shards back with webdataset.
+
 Files, for shard NNNNNN in `shards/` (see ARCHITECTURE.md "Build output"):
   shard-NNNNNN.tar    members KEY.cls, KEY.jpg, KEY.json per sample (webdataset's sorted order)
   shard-NNNNNN.idx    DALI `fn.readers.webdataset` index, the format of DALI's tools/wds2idx.py:
@@ -19,13 +23,12 @@ no tar and no index; its stats say `"shard": null, "samples": 0` and it is left 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from webdataset import TarWriter
 
 from maws_data.images import ImageConfig, SkipSample, load_image_bytes, process_image, process_images_dali
 from maws_data.manifest import atomic_write_json, atomic_write_text, sha256_file
@@ -114,17 +117,16 @@ def write_shard(task: ShardTask) -> dict:
     skipped = list(task.skipped)
     samples = labeled = 0
     with open(tmp_tar, "wb") as f:
-        writer = TarWriter(f, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False)
-        for r, res in zip(task.rows, _images(task)):
-            if isinstance(res, SkipSample):
-                skipped.append({"row": r.row, "key": r.source_key, "reason": res.reason, "detail": res.detail})
-                continue
-            jpeg, w, h = res
-            cls = str(r.labels[0] if r.labels else -1).encode("ascii")
-            writer.write({"__key__": r.key, "jpg": jpeg, "cls": cls, "json": sample_json(r, w, h)})
-            samples += 1
-            labeled += bool(r.labels)
-        writer.close()
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for r, res in zip(task.rows, _images(task)):
+                if isinstance(res, SkipSample):
+                    skipped.append({"row": r.row, "key": r.source_key, "reason": res.reason, "detail": res.detail})
+                    continue
+                jpeg, w, h = res
+                cls = str(r.labels[0] if r.labels else -1).encode("ascii")
+                add_sample(tar, r.key, {"jpg": jpeg, "cls": cls, "json": sample_json(r, w, h)})
+                samples += 1
+                labeled += bool(r.labels)
         f.flush()
         os.fsync(f.fileno())
     skipped.sort(key=lambda s: s["row"])
@@ -143,6 +145,17 @@ def write_shard(task: ShardTask) -> dict:
              "fingerprint": task.fingerprint}
     atomic_write_json(shards / f"{task.stem}.json", stats)  # last: the commit marker
     return stats
+
+
+def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+    """Append one sample: `key.ext` for each member, in sorted extension order, fixed metadata."""
+    for ext in sorted(members):
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        info.mtime, info.mode = TAR_MTIME, TAR_MODE
+        info.uname = info.gname = TAR_USER
+        tar.addfile(info, io.BytesIO(data))
 
 
 def dali_index(tar_path: str | Path) -> str:

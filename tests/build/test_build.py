@@ -1,0 +1,220 @@
+"""maws_data.build end to end on real Instagram rows: layout, sample contents, vocabulary, exact skip
+counts after injected bad rows, byte-identical rebuilds (1 vs 2 processes, local vs Ray)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from maws_data.build import BuildConfig, BuildError, build, safe_key
+from maws_data.hashtags import extract_hashtags
+from maws_data.vocab import Vocabulary, build_vocabulary, row_synsets, tag_frame
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) in tar order, read with tarfile only; also returns member order per key."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path) as tf:
+        for m in tf:
+            key, ext = m.name.split(".", 1)
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = tf.extractfile(m).read()
+    return samples
+
+
+def all_samples(build_dir: Path) -> list[tuple[str, dict[str, bytes]]]:
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    return [s for shard in manifest["shards"] for s in tar_samples(build_dir / shard["name"])]
+
+
+def output_digests(build_dir: Path) -> dict[str, str]:
+    """sha256 of every file a build wrote (except build.json, which records the runtime config)."""
+    return {p.relative_to(build_dir).as_posix(): sha256(p) for p in sorted(build_dir.rglob("*"))
+            if p.is_file() and p.name != "build.json"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny real build (tests/conftest.py: 60 rows, image_size 64, shard_size 16, min_count 2)
+
+
+def test_tiny_build_layout_and_manifest(tiny_build, tiny_source):
+    m = json.loads((tiny_build / "manifest.json").read_text())
+    assert m["schema"] == 1
+    assert m["counts"] == {"rows": 60, "written": 60, "labeled": m["counts"]["labeled"],
+                           "unlabeled": 60 - m["counts"]["labeled"], "skipped": {}}
+    assert [s["name"] for s in m["shards"]] == [f"shards/shard-{i:06d}.tar" for i in range(4)]
+    assert [s["samples"] for s in m["shards"]] == [16, 16, 16, 12]  # unequal last shard
+    assert [s["rows"] for s in m["shards"]] == [[0, 16], [16, 32], [32, 48], [48, 60]]
+    assert m["inputs"] == [{"path": str(tiny_source.resolve()), "sha256": sha256(tiny_source),
+                            "bytes": tiny_source.stat().st_size}]
+    assert m["config"]["image_size"] == 64 and m["config"]["min_count"] == 2 and m["config"]["decoder"] == "pil"
+    assert m["classes"] == len(Vocabulary.load(tiny_build)) > 0
+    labeled = 0
+    for i, shard in enumerate(m["shards"]):
+        tar = tiny_build / shard["name"]
+        assert (shard["sha256"], shard["bytes"]) == (sha256(tar), tar.stat().st_size)
+        stats = json.loads((tiny_build / f"shards/shard-{i:06d}.json").read_text())
+        assert stats["shard"] == tar.name and stats["samples"] == shard["samples"]
+        assert stats["sha256"] == shard["sha256"] and stats["rows"] == shard["rows"] and stats["skipped"] == {}
+        assert (tiny_build / f"shards/shard-{i:06d}.idx").is_file()
+        labeled += stats["labeled"]
+    assert labeled == m["counts"]["labeled"]
+    assert (tiny_build / "skipped.jsonl").read_text() == ""
+    assert not list(tiny_build.rglob("*.tmp"))
+
+
+def test_tiny_build_samples_match_source(tiny_build, tiny_source):
+    src = pl.read_parquet(tiny_source)
+    vocab = Vocabulary.load(tiny_build)
+    samples = all_samples(tiny_build)
+    assert [k for k, _ in samples] == src["key"].to_list()  # row order, keys already webdataset-safe
+    for (key, members), caption, image in zip(samples, src["caption"], src["image"]):
+        assert sorted(members) == ["cls", "jpg", "json"]
+        meta = json.loads(members["json"])
+        assert meta["key"] == meta["source_key"] == key
+        assert meta["caption"] == caption
+        assert meta["hashtags"] == extract_hashtags(caption)
+        assert meta["labels"] == [vocab.index[w] for w in meta["wnids"]]
+        assert meta["labeled"] == bool(meta["labels"])
+        assert int(members["cls"].decode("ascii")) == (meta["labels"][0] if meta["labels"] else -1)
+        im = Image.open(io.BytesIO(members["jpg"]))
+        assert im.format == "JPEG" and im.mode == "RGB"
+        assert im.size == (meta["width"], meta["height"])
+        orig = Image.open(tiny_source.parent / image)
+        assert min(im.size) == min(64, *orig.size)  # shorter side 64, never upscaled
+
+
+def test_tiny_vocabulary_counts_and_order(tiny_build):
+    vocab = Vocabulary.load(tiny_build)
+    samples = [json.loads(m["json"]) for _, m in all_samples(tiny_build)]
+    # every row was written, so a class's count is the number of samples carrying its wnid
+    per_wnid = Counter(w for s in samples for w in s["wnids"])
+    assert dict(per_wnid) == dict(zip(vocab.wnids, vocab.counts))
+    assert all(c >= 2 for c in vocab.counts)
+    assert list(zip(vocab.counts, vocab.wnids)) == sorted(zip(vocab.counts, vocab.wnids),
+                                                         key=lambda cw: (-cw[0], cw[1]))
+    # hashtag_map: every distinct tag, its row count, its synsets; vocabulary hashtags come from it
+    hm = pl.read_csv(tiny_build / "hashtag_map.tsv", separator="\t", schema_overrides={"wnids": pl.String})
+    tag_rows = Counter(t for s in samples for t in s["hashtags"])
+    assert dict(zip(hm["hashtag"], hm["count"])) == dict(tag_rows)
+    tag_wnids = {t: (w or "").split() for t, w in zip(hm["hashtag"], hm["wnids"])}
+    for wnid, tags in zip(vocab.wnids, vocab.hashtags):
+        assert set(tags) == {t for t, ws in tag_wnids.items() if wnid in ws}
+
+
+def test_vocabulary_selection_rule():
+    rows = pl.DataFrame({"row": [0, 1, 2, 3, 4], "hashtags": [["a", "b"], ["b", "c"], ["c"], ["b", "d"], ["e"]]},
+                        schema={"row": pl.Int64, "hashtags": pl.List(pl.String)})
+    tags = tag_frame({"a": ["n1"], "b": ["n2", "n1"], "c": ["n3"], "d": ["n3"], "e": []})
+    wn = row_synsets(rows, tags)
+    assert wn["wnids"].to_list() == [["n1", "n2"], ["n2", "n1", "n3"], ["n3"], ["n2", "n1", "n3"], []]
+    v = build_vocabulary(rows, wn, tags, min_count=2, max_classes=None, synset_name=lambda w: w + ".n.01")
+    # n1: rows 0,1,3 = 3; n2: 0,1,3 = 3; n3: 1,2,3 = 3 -> all tie, order by wnid
+    assert v.wnids == ("n1", "n2", "n3") and v.counts == (3, 3, 3)
+    assert v.hashtags == (("b", "a"), ("b",), ("c", "d"))  # most frequent tag first
+    v2 = build_vocabulary(rows, wn, tags, min_count=2, max_classes=2, synset_name=str)
+    assert v2.wnids == ("n1", "n2")
+    assert build_vocabulary(rows, wn, tags, min_count=4, max_classes=None, synset_name=str).wnids == ()
+
+
+def test_safe_key():
+    used: set[str] = set()
+    assert safe_key("abc-DEF_1", 0, used) == "abc-DEF_1"
+    assert safe_key("a.b/c d\te", 1, used) == "a_b_c_d_e"
+    assert safe_key("a_b_c_d_e", 2, used) == "a_b_c_d_e_r2"
+    assert safe_key("ключ", 3, used) == "____"
+    long = safe_key("x" * 200, 4, used)
+    assert len(long) == 64 and long.startswith("x" * 47 + "_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Injected bad rows (tests/build/conftest.py:make_bad_source)
+
+
+def bad_config(source: Path, out: Path, **kw) -> BuildConfig:
+    return BuildConfig(**{"source": str(source), "out": str(out), "image_size": 64, "shard_size": 5, "min_count": 1,
+                          "decoder": "pil", "processes": 1, "progress": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def bad_build(bad_source, tmp_path_factory) -> Path:
+    return build(bad_config(bad_source, tmp_path_factory.mktemp("bad") / "out"))
+
+
+def test_bad_rows_are_counted_exactly(bad_build):
+    m = json.loads((bad_build / "manifest.json").read_text())
+    assert m["counts"]["rows"] == 30
+    assert m["counts"]["written"] == 22  # rows 0-19, 26, 27
+    assert m["counts"]["skipped"] == {"caption_not_utf8": 1, "duplicate_key": 1, "empty": 1, "missing_path": 1,
+                                      "not_image": 1, "null_caption": 1, "null_key": 1, "truncated": 1}
+    skipped = [json.loads(line) for line in (bad_build / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["row"], s["reason"]) for s in skipped] == [
+        (20, "missing_path"), (21, "truncated"), (22, "not_image"), (23, "duplicate_key"), (24, "null_caption"),
+        (25, "null_key"), (28, "empty"), (29, "caption_not_utf8")]
+    assert [s["key"] for s in skipped] == ["missing-1", "trunc-1", "text-1", all_samples(bad_build)[0][0],
+                                           "nullcap-1", None, "empty-1", "badutf8-1"]
+    assert all(s["detail"] for s in skipped)
+    # shard 4 (rows 20-24) has no sample: committed by its stats, but no tar and not in the manifest
+    assert [s["name"] for s in m["shards"]] == [f"shards/shard-{i:06d}.tar" for i in (0, 1, 2, 3, 5)]
+    assert [s["samples"] for s in m["shards"]] == [5, 5, 5, 5, 2]
+    empty = json.loads((bad_build / "shards/shard-000004.json").read_text())
+    assert (empty["shard"], empty["samples"], empty["rows"]) == (None, 0, [20, 25])
+    assert empty["skipped"] == {"missing_path": 1, "truncated": 1, "not_image": 1, "duplicate_key": 1,
+                                "null_caption": 1}
+    assert not (bad_build / "shards/shard-000004.tar").exists()
+    last = tar_samples(bad_build / "shards/shard-000005.tar")
+    assert [k for k, _ in last] == ["we_ird_key_name", "we_ird_key_name_r27"]
+    assert [json.loads(m["json"])["source_key"] for _, m in last] == ["we.ird/key name", "we_ird_key_name"]
+
+
+def test_two_builds_are_byte_identical(bad_source, bad_build, tmp_path):
+    # a second build, with 2 worker processes instead of 1: every output file has the same bytes
+    again = build(bad_config(bad_source, tmp_path / "again", processes=2))
+    first, second = output_digests(bad_build), output_digests(again)
+    assert sorted(first) == sorted(second)
+    assert len([f for f in first if f.endswith(".tar")]) == 5
+    assert first == second | {"manifest.json": first["manifest.json"]}
+    # the manifests differ only in the runtime setting
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (bad_build, again))
+    assert (m1["config"].pop("processes"), m2["config"].pop("processes")) == (1, 2)
+    assert m1 == m2
+
+
+def test_refuses_other_config_unless_overwrite(bad_source, tmp_path):
+    out = tmp_path / "out"
+    build(bad_config(bad_source, out, shard_size=15))
+    with pytest.raises(BuildError, match="different input or config"):
+        build(bad_config(bad_source, out, shard_size=10))
+    build(bad_config(bad_source, out, shard_size=10, overwrite=True))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["shard_size"] == 10 and len(m["shards"]) == 3
+    assert sorted(p.name for p in (out / "shards").glob("*.json")) == [f"shard-{i:06d}.json" for i in range(3)]
+
+
+def test_ray_runner_matches_local(tiny_source, tiny_build, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = build(BuildConfig(source=str(tiny_source), out=str(tmp_path / "ray"), image_size=64, shard_size=16,
+                                min_count=2, decoder="pil", runner="ray", progress=False))
+    finally:
+        ray.shutdown()
+    local, remote = output_digests(tiny_build), output_digests(out)
+    tars = {k: v for k, v in local.items() if k.endswith(".tar")}
+    assert len(tars) == 4
+    assert {k: remote[k] for k in tars} == tars
+    assert {k: v for k, v in remote.items() if k != "manifest.json"} == \
+        {k: v for k, v in local.items() if k != "manifest.json"}
