@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from maws_data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, torchvision_transform
 from maws_eval.config import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -45,6 +46,12 @@ class ImageFolderSplit:
         for rel, label in self.items:
             h.update(f"{rel}\t{label}\t{(self.root / rel).stat().st_size}\n".encode())
         return h.hexdigest()
+
+
+def eval_preprocessing(image_size: int) -> str:
+    """Human-readable description of the eval transform; part of the feature-cache key."""
+    return (f"maws_data.transforms eval: shorter side -> round({image_size}/{EVAL_CROP_PCT}), centre crop "
+            f"{image_size}, bicubic, mean={IMAGENET_MEAN}, std={IMAGENET_STD}")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -80,12 +87,15 @@ class EvalDataset:
     def torch_dataset(self, name: Split, transform: Callable[[Image.Image], torch.Tensor]) -> torch.utils.data.Dataset:
         return _Images(self.split(name), transform)
 
-    def batches(
-        self, name: Split, transform: Callable[[Image.Image], torch.Tensor], *, batch_size: int, num_workers: int
+    def eval_batches(
+        self, name: Split, *, image_size: int, batch_size: int, num_workers: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Ordered, unshuffled batches (feature rows line up with `split(name).items`)."""
+        """Ordered, unshuffled batches through maws_data's eval recipe (the one the loader uses for
+        shards): images (B,3,S,S) float32, labels (B,) int64. Rows line up with `split(name).items`.
+        """
         loader = torch.utils.data.DataLoader(
-            self.torch_dataset(name, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers
+            _Images(self.split(name), torchvision_transform("eval", image_size)), batch_size=batch_size,
+            shuffle=False, num_workers=num_workers,
         )
         yield from loader
 

@@ -61,7 +61,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the probes later use these tensors under autograd
 def extract(
     encoder: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
     device: torch.device | None = None, total: int | None = None, desc: str = "features",
