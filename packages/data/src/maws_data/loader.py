@@ -103,6 +103,7 @@ class SampleTable:
     shard: np.ndarray          # int32 (n,) shard index
     jpg_off: np.ndarray        # int64 (n,) byte offset of KEY.jpg data in its tar
     jpg_size: np.ndarray       # int64 (n,)
+    size: np.ndarray           # int64 (n, 2) stored image width, height (from KEY.json)
     keys: list[str]
     labels: list[list[int]]    # label indices (vocabulary order) from KEY.json
     num_classes: int
@@ -170,16 +171,17 @@ def read_dali_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]
     return samples
 
 
-def _read_labels(tar: str, members: list[tuple[int, int]], threads: int = 8) -> list[list[int] | str]:
-    """KEY.json of each sample -> its label list, or a reason string when unreadable."""
+def _read_sample_json(tar: str, members: list[tuple[int, int]], threads: int = 8) -> list[tuple | str]:
+    """KEY.json of each sample -> (labels, width, height), or a reason string when unreadable."""
     fd = os.open(tar, os.O_RDONLY)
 
-    def one(m: tuple[int, int]) -> list[int] | str:
+    def one(m: tuple[int, int]) -> tuple | str:
         data = os.pread(fd, m[1], m[0])
         if len(data) != m[1]:
             return "truncated_shard"
         try:
-            return [int(x) for x in json.loads(data)["labels"]]
+            meta = json.loads(data)
+            return [int(x) for x in meta["labels"]], int(meta["width"]), int(meta["height"])
         except (ValueError, KeyError, TypeError):
             return "bad_json"
 
@@ -194,7 +196,7 @@ def load_table(spec: str | Sequence[str]) -> SampleTable:
     """Index every shard (from its .idx and .json stats) and read every sample's labels."""
     tars, build = resolve_shards(spec)
     num_classes = count_classes(build / "vocabulary.tsv") if build else 0
-    cols: dict[str, list] = {"shard": [], "off": [], "size": [], "keys": [], "labels": []}
+    cols: dict[str, list] = {"shard": [], "off": [], "size": [], "keys": [], "labels": [], "wh": []}
     excluded: list[dict] = []
     for si, tar in enumerate(tars):
         idx_path, stats_path = tar.with_suffix(".idx"), tar.with_suffix(".json")
@@ -214,11 +216,12 @@ def load_table(spec: str | Sequence[str]) -> SampleTable:
                 excluded.append({"shard": tar.name, "key": key, "reason": "truncated_shard"})
             else:
                 ok.append((key, m))
-        labels = _read_labels(str(tar), [m["json"] for _, m in ok])
-        for (key, m), lab in zip(ok, labels):
-            if isinstance(lab, str):
-                excluded.append({"shard": tar.name, "key": key, "reason": lab})
+        metas = _read_sample_json(str(tar), [m["json"] for _, m in ok])
+        for (key, m), meta in zip(ok, metas):
+            if isinstance(meta, str):
+                excluded.append({"shard": tar.name, "key": key, "reason": meta})
                 continue
+            lab, width, height = meta
             if any(not 0 <= c < num_classes for c in lab) and num_classes:
                 excluded.append({"shard": tar.name, "key": key, "reason": "label_out_of_range"})
                 continue
@@ -227,9 +230,11 @@ def load_table(spec: str | Sequence[str]) -> SampleTable:
             cols["size"].append(m["jpg"][1])
             cols["keys"].append(key)
             cols["labels"].append(lab)
+            cols["wh"].append((width, height))
     return SampleTable(shard_names=[t.name for t in tars], tar_paths=[str(t) for t in tars],
                        shard=np.asarray(cols["shard"], np.int32), jpg_off=np.asarray(cols["off"], np.int64),
-                       jpg_size=np.asarray(cols["size"], np.int64), keys=cols["keys"], labels=cols["labels"],
+                       jpg_size=np.asarray(cols["size"], np.int64),
+                       size=np.asarray(cols["wh"], np.int64).reshape(-1, 2), keys=cols["keys"], labels=cols["labels"],
                        num_classes=num_classes, excluded=excluded)
 
 

@@ -1,0 +1,266 @@
+"""maws_data.loader on the real tiny build (60 Instagram photos at 64 px, shards of 16/16/16/12).
+
+Keys are compared, not just counts: `loader.last_batch_keys` are the keys of the batch just yielded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from maws_data.loader import (
+    LoaderConfig,
+    batches_per_epoch,
+    build_loader,
+    epoch_order,
+    rank_batches,
+    read_dali_index,
+    sqrt_weights,
+)
+
+S = 32  # output size: small and fast; the shards hold 64 px images
+
+
+def cfg(build: Path | str, task: str = "mae", **kw) -> LoaderConfig:
+    base = {"batch_size": 4, "image_size": S, "backend": "webdataset", "num_workers": 0}
+    return LoaderConfig(shards=str(build), task=task, **{**base, **kw})
+
+
+def epoch_keys(loader) -> list[list[str]]:
+    out = []
+    for images, targets in loader:
+        assert images.shape[1:] == (3, S, S) and images.dtype == torch.float32
+        assert len(targets) == len(images) == len(loader.last_batch_keys)
+        out.append(list(loader.last_batch_keys))
+    return out
+
+
+def shard_json(build: Path) -> dict[str, dict]:
+    """Every sample's KEY.json, read independently of the loader with webdataset's tar reader."""
+    tars = sorted(str(p) for p in (build / "shards").glob("*.tar"))
+    return {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)}
+
+
+def test_tiny_build_has_unequal_shards(tiny_build):
+    sizes = [len(read_dali_index(p)) for p in sorted((tiny_build / "shards").glob("*.idx"))]
+    assert sizes == [16, 16, 16, 12]
+
+
+def test_targets_match_shard_json(tiny_build):
+    truth = shard_json(tiny_build)
+    vocab_rows = (tiny_build / "vocabulary.tsv").read_text().splitlines()[1:]
+    wsp = build_loader(cfg(tiny_build, "wsp"))
+    assert wsp.num_classes == len(vocab_rows) == 84
+    labeled = [k for k, j in truth.items() if j["labels"]]
+    assert len(wsp.pool) == len(labeled) == 58  # wsp leaves out the 2 unlabeled photos
+    seen = 0
+    for _, targets in wsp:
+        assert targets.dtype == torch.float32 and targets.shape[1] == wsp.num_classes
+        for key, row in zip(wsp.last_batch_keys, targets):
+            assert torch.nonzero(row).flatten().tolist() == sorted(truth[key]["labels"])
+            seen += 1
+    assert seen == 14 * 4
+    ev = build_loader(cfg(tiny_build, "eval", drop_last=False))
+    firsts = {}
+    for _, targets in ev:
+        assert targets.dtype == torch.int64
+        firsts.update(zip(ev.last_batch_keys, targets.tolist()))
+    assert firsts == {k: (j["labels"][0] if j["labels"] else -1) for k, j in truth.items()}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_exact_batches_across_ranks(tiny_build, world_size):
+    loaders = [build_loader(cfg(tiny_build, "mae"), rank=r, world_size=world_size) for r in range(world_size)]
+    expected = 60 // (world_size * 4)  # 15, 7, 5
+    keys = []
+    for loader in loaders:
+        assert len(loader) == loader.batches_per_epoch == expected
+        batches = epoch_keys(loader)
+        assert len(batches) == expected and all(len(b) == 4 for b in batches)
+        keys += [k for b in batches for k in b]
+    assert len(keys) == len(set(keys)) == expected * world_size * 4  # no sample on two ranks
+
+
+def test_dataloader_workers_keep_plan_order(tiny_build):
+    """3 ranks x 3 workers on 4 unequal shards: plan order, exact counts, the same pixels as 0 workers."""
+    for rank in range(3):
+        multi = build_loader(cfg(tiny_build, "mae", num_workers=3), rank=rank, world_size=3)
+        single = build_loader(cfg(tiny_build, "mae", num_workers=0), rank=rank, world_size=3)
+        got = [(x, list(multi.last_batch_keys)) for x, _ in multi]
+        ref = [(x, list(single.last_batch_keys)) for x, _ in single]
+        assert [k for _, k in got] == [[single.table.keys[g] for g in b] for b in single.plan(0)]
+        assert [k for _, k in got] == [k for _, k in ref]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, ref))
+
+
+def test_one_shard_more_workers_than_shards(tiny_build):
+    """A glob naming one shard, 2 ranks x 3 workers: works (random access), 12 samples -> 1 batch of 4 each."""
+    spec = str(tiny_build / "shards" / "shard-000003.tar")
+    loaders = [build_loader(cfg(spec, "wsp", num_workers=3), rank=r, world_size=2) for r in range(2)]
+    assert loaders[0].num_classes == 84  # vocabulary.tsv found beside shards/
+    batches = [epoch_keys(lo) for lo in loaders]
+    assert [len(b) for b in batches] == [1, 1]
+    assert not set(batches[0][0]) & set(batches[1][0])
+
+
+def test_eval_every_sample_exactly_once(tiny_build):
+    """drop_last=False: 60 samples, 2 ranks x batch 7 -> 5 batches per rank, last ones short, all 60 once."""
+    keys, counts = [], []
+    for r in range(2):
+        loader = build_loader(cfg(tiny_build, "eval", batch_size=7, drop_last=False), rank=r, world_size=2)
+        batches = epoch_keys(loader)
+        counts.append([len(b) for b in batches])
+        keys += [k for b in batches for k in b]
+    assert counts == [[7, 7, 7, 7, 2], [7, 7, 7, 7, 2]]
+    assert sorted(keys) == sorted(shard_json(tiny_build))
+    # eval keeps dataset order: shard order, then tar order within a shard
+    loader = build_loader(cfg(tiny_build, "eval", batch_size=7, drop_last=False))
+    assert [k for b in epoch_keys(loader) for k in b] == loader.table.keys
+
+
+def test_eval_short_rank_gets_empty_last_batch():
+    """5 samples on 2 ranks, batch 2: rank 0 has 3 -> 2 batches; rank 1 has 2 -> 1 batch + 1 empty one."""
+    order = np.arange(5)
+    plans = [rank_batches(order, rank=r, world_size=2, batch_size=2, drop_last=False) for r in range(2)]
+    assert [[b.tolist() for b in p] for p in plans] == [[[0, 2], [4]], [[1, 3], []]]
+    assert batches_per_epoch(5, world_size=2, batch_size=2, drop_last=False) == 2
+
+
+def test_epochs_shuffle_deterministically(tiny_build):
+    a, b = build_loader(cfg(tiny_build)), build_loader(cfg(tiny_build))
+    e0 = epoch_keys(a)
+    assert epoch_keys(b) == e0  # same seed, same epoch: same order
+    a.set_epoch(1)
+    e1 = epoch_keys(a)
+    assert e1 != e0 and sorted(k for b in e1 for k in b) == sorted(k for b in e0 for k in b)
+    c = build_loader(cfg(tiny_build, seed=1))
+    assert epoch_keys(c) != e0
+
+
+@pytest.mark.parametrize("backend", ["webdataset", "dali"])
+def test_resume_mid_epoch(tiny_build, backend):
+    """3 of 5 batches, state through JSON, a new loader: exactly the remaining batches, same pixels."""
+    ref = build_loader(cfg(tiny_build, "mae", backend=backend), rank=1, world_size=3)
+    ref.set_epoch(2)
+    full = [(x, list(ref.last_batch_keys)) for x, _ in ref]
+    assert len(full) == 5
+
+    first = build_loader(cfg(tiny_build, "mae", backend=backend), rank=1, world_size=3)
+    first.set_epoch(2)
+    it = iter(first)
+    done = [next(it)[0] for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert (state["epoch"], state["batches"]) == (2, 3)
+
+    resumed = build_loader(cfg(tiny_build, "mae", backend=backend), rank=1, world_size=3)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # a training loop calls this on resume: it keeps the position
+    rest = [(x, list(resumed.last_batch_keys)) for x, _ in resumed]
+    assert [k for _, k in rest] == [k for _, k in full[3:]]
+    assert all(torch.equal(a, b) for a, (b, _) in zip(done, full[:3]))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rest, full[3:]))
+    # a finished epoch resumes at the start of the next one
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["batches"]) == (3, 0)
+
+
+def test_state_from_another_setup_is_refused(tiny_build):
+    state = build_loader(cfg(tiny_build, batch_size=4)).state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        build_loader(cfg(tiny_build, batch_size=5)).load_state_dict(state)
+
+
+def test_too_few_samples_is_an_error(tiny_build):
+    with pytest.raises(ValueError, match="fewer than world_size"):
+        build_loader(cfg(tiny_build, batch_size=16), world_size=4)
+
+
+def test_sqrt_weights_flatten_class_counts():
+    """Classes with 6400/1600/100 samples: sqrt resampling draws them ~80:40:10, ratio 64 -> 8."""
+    labels = [[0]] * 6400 + [[1]] * 1600 + [[2]] * 100
+    w = sqrt_weights(labels, 3)
+    assert w[0] == pytest.approx(1 / 80 / (6400 / 80 + 1600 / 40 + 100 / 10))
+    drawn = epoch_order(np.arange(len(labels)), seed=0, epoch=0, shuffle=True, weights=w)
+    counts = np.bincount(np.array([labels[i][0] for i in drawn]), minlength=3)
+    assert counts.sum() == 8100
+    expected = 8100 * np.array([80, 40, 10]) / 130
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))  # within 5 sigma
+    assert counts[0] / counts[2] == pytest.approx(8.0, rel=0.2)
+    # multi-label: weighted by the RAREST label, so [0, 2] weighs like a class-2 sample
+    w2 = sqrt_weights([[0], [0], [0], [0], [0, 2], [1]], 3)
+    assert w2[4] / w2[0] == pytest.approx(np.sqrt(5 / 1))
+    assert w2[5] == w2[4]
+
+
+def test_sqrt_resampling_on_real_labels(tiny_build):
+    loader = build_loader(cfg(tiny_build, "wsp", resample="sqrt"))
+    plan = np.concatenate(loader.plan(0))
+    assert len(plan) == len(loader) * 4 == 56
+    assert len(set(plan.tolist())) < len(plan)  # with replacement: repeats
+    assert np.array_equal(plan, np.concatenate(build_loader(cfg(tiny_build, "wsp", resample="sqrt")).plan(0)))
+    ys = [t for _, t in loader]
+    assert len(ys) == 14 and all(t.sum(1).min() >= 1 for t in ys)  # every drawn sample is labeled
+
+
+def test_backend_parity(tiny_build):
+    """DALI (CPU) and Pillow-SIMD: identical keys and labels, pixels within a few grey levels."""
+    for task in ("eval", "mae"):
+        outs = {}
+        for backend in ("webdataset", "dali"):
+            loader = build_loader(cfg(tiny_build, task, backend=backend, drop_last=False, batch_size=8))
+            xs, ys, keys = [], [], []
+            for x, y in loader:
+                xs.append(x), ys.append(y), keys.extend(loader.last_batch_keys)
+            outs[backend] = torch.cat(xs), torch.cat(ys), keys
+        (xa, ya, ka), (xb, yb, kb) = outs["webdataset"], outs["dali"]
+        assert ka == kb and len(ka) == 60 and torch.equal(ya, yb)
+        assert xa.device == xb.device and xa.shape == xb.shape and xa.dtype == xb.dtype
+        diff = (xa - xb).abs() * 0.225 * 255  # back to grey levels
+        assert diff.mean() < 1.0 and diff.max() < 12, (task, float(diff.mean()), float(diff.max()))
+
+
+def corrupt_copy(build: Path, tmp_path: Path) -> tuple[Path, str, int]:
+    """A copy of the build with one JPEG garbled in shard 1 and shard 3 cut in half."""
+    out = tmp_path / "build"
+    shutil.copytree(build, out)
+    key, members = read_dali_index(out / "shards" / "shard-000001.idx")[5]
+    off, size = members["jpg"]
+    with open(out / "shards" / "shard-000001.tar", "r+b") as f:
+        f.seek(off + 4)  # keep the SOI marker and the first segment marker, garble what follows
+        f.write(b"\x00" * min(400, size - 6))
+    tar = out / "shards" / "shard-000003.tar"
+    samples = read_dali_index(tar.with_suffix(".idx"))
+    cut = samples[6][1]["jpg"][0] + 10  # inside sample 6's JPEG: samples 6..11 are gone
+    with open(tar, "r+b") as f:
+        f.truncate(cut)
+    return out, key, 6
+
+
+@pytest.mark.parametrize("backend", ["webdataset", "dali"])
+def test_bad_data_is_skipped_and_counted(tiny_build, tmp_path, backend):
+    build, bad_key, lost = corrupt_copy(tiny_build, tmp_path)
+    loader = build_loader(cfg(build, "eval", backend=backend, drop_last=False, batch_size=8))
+    assert len(loader.table) == 60 - lost
+    assert loader.skipped["truncated_shard"] == lost
+    assert all(s["shard"] == "shard-000003.tar" for s in loader.skipped_samples)
+    batches = epoch_keys(loader)
+    assert [len(b) for b in batches] == [8] * 6 + [6]  # 54 samples, batch sizes exact
+    keys = [k for b in batches for k in b]
+    assert bad_key not in keys and len(set(keys)) == 53  # the bad one replaced by a batch-mate
+    decode = [s for s in loader.skipped_samples if s["reason"] == "decode_error"]
+    assert [(s["shard"], s["key"]) for s in decode] == [("shard-000001.tar", bad_key)]
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decoding_on_gpu(tiny_build):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpu = build_loader(cfg(tiny_build, "eval", backend="dali", dali_device="gpu", drop_last=False))
+    cpu = build_loader(cfg(tiny_build, "eval", backend="webdataset", drop_last=False))
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert xg.is_cuda and xg.dtype == torch.float32 and torch.equal(yg, yc)
+        assert ((xg.cpu() - xc).abs() * 0.225 * 255).mean() < 2.0  # nvJPEG IDCT differs slightly
