@@ -148,14 +148,12 @@ def run(cfg: MAEConfig) -> Path:
     bar.close()
 
     # ---------------------------------------------------------------- export
+    full = distributed.model_state(raw)  # every rank takes part (FSDP2 gathers shards)
     if d.is_main:
-        enc_sd = {k.removeprefix("encoder."): v for k, v in distributed.model_state(raw).items() if k.startswith("encoder.")}
         export = build_encoder(cfg.model.variant, img_size=cfg.model.img_size)
-        export.load_state_dict(enc_sd)
+        export.load_state_dict({k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")})
         checkpoint.export_encoder(export, out, variant=cfg.model.variant, img_size=cfg.model.img_size)
         distributed.print0(f"MAE encoder written to {out / checkpoint.ENCODER_WEIGHTS}")
-    else:
-        distributed.model_state(raw)  # FSDP2: every rank takes part in gathering the full state
     distributed.barrier()
     distributed.shutdown()
     return out
