@@ -78,3 +78,16 @@ def test_batch_equals_per_caption_on_real_tweets(tweets):
     # the sample really exercises the extractor: many tags, many captions with none
     assert sum(map(len, expected)) > 5000
     assert sum(1 for tags in expected if not tags) > 1000
+
+
+def test_batch_empty_inputs():
+    assert extract_hashtags_batch([]) == []
+    assert extract_hashtags_batch([None, "", "no tags"]) == [[], [], []]
+    assert extract_hashtags_series(pl.Series([], dtype=pl.String)).dtype == pl.List(pl.String)
+
+
+def test_hash_collision_falls_back_to_exact_codes(monkeypatch, tweets):
+    # Every string hashing to the same value must still give exact results (the fallback path).
+    monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series([0] * len(self), dtype=pl.UInt64))
+    sample = tweets[:300]
+    assert extract_hashtags_batch(sample) == [extract_hashtags(t) for t in sample]

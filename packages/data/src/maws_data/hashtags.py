@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -120,24 +121,73 @@ def extract_hashtags_series(texts: pl.Series | list[str | None]) -> pl.Series:
     """Vectorised `extract_hashtags`: a polars List[String] Series, one list per caption (nulls -> []).
 
     The chunk regex runs in Rust over the column; `chunk_tags` runs once per distinct chunk; the
-    per-caption flatten + dedupe runs in Rust again (`list.unique(maintain_order=True)`).
+    per-caption flatten + dedupe is integer work in numpy (`flat_map_distinct`).
     """
     import polars as pl
 
     s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
-    chunks = s.cast(pl.String).str.extract_all(CHUNK_PATTERN).fill_null([])
-    distinct = chunks.explode().drop_nulls().unique()
-    # Tags never contain U+001F (a control character is not a tag character), so each chunk's tags
-    # travel as one joined string through `replace_strict` and are split back afterwards.
-    joined = ["\x1f".join(chunk_tags(c)) for c in distinct.to_list()]
-    return (
-        chunks.list.eval(pl.element().replace_strict(distinct, joined, default="", return_dtype=pl.String))
-        .list.join("\x1f")
-        .str.split("\x1f")
-        .list.eval(pl.element().filter(pl.element() != ""))
-        .list.unique(maintain_order=True)
-        .alias("hashtags")
-    )
+    chunks = s.cast(pl.String).str.extract_all(CHUNK_PATTERN)
+    return flat_map_distinct(chunks, chunk_tags, name="hashtags")
+
+
+def flat_map_distinct(lists: pl.Series, fn: Callable[[str], Sequence[str]], *, name: str) -> pl.Series:
+    """Row-wise `dict.fromkeys(x for item in row for x in fn(item))`, calling `fn` once per distinct item.
+
+    `lists` is a List[String] Series (null rows count as empty); the result is a List[String] Series
+    of the same length. Only the distinct items cross into Python; the per-row expansion and the
+    first-occurrence dedupe are index arithmetic on integer ids (numpy), and the strings are gathered
+    back in Rust. This is what makes mining 1M captions a fraction of a second.
+    """
+    import numpy as np
+    import polars as pl
+    import pyarrow as pa
+
+    n_items = lists.list.len().fill_null(0).to_numpy().astype(np.int64)  # per row
+    items = lists.explode(empty_as_null=False, keep_nulls=False)
+    codes, distinct = _distinct_codes(items)  # items[i] == distinct[codes[i]]
+
+    vocab: dict[str, int] = {}  # every output string, numbered
+    results = [[vocab.setdefault(x, len(vocab)) for x in fn(d)] for d in distinct]
+    res_len = np.fromiter(map(len, results), np.int64, len(results))
+    res_ids = np.fromiter((i for r in results for i in r), np.int64, int(res_len.sum()))
+    res_start = np.cumsum(res_len) - res_len
+
+    # Expand each item occurrence into its outputs: item i contributes res_ids[res_start[c]:+res_len[c]].
+    per_item = res_len[codes]
+    end = np.cumsum(per_item)
+    total = int(end[-1]) if len(end) else 0
+    gather = np.repeat(res_start[codes] - (end - per_item), per_item) + np.arange(total)
+    out = res_ids[gather]
+    row_off = np.concatenate([[0], end])[np.concatenate([[0], np.cumsum(n_items)])]
+
+    if total:  # drop repeats within a row, keeping the first occurrence (order is preserved)
+        rows = np.repeat(np.arange(len(n_items)), np.diff(row_off))
+        first = pl.Series(rows * max(len(vocab), 1) + out).is_first_distinct().to_numpy()
+        if not first.all():
+            out = out[first]
+            row_off = np.concatenate([[0], np.cumsum(first)])[row_off]
+
+    strings = pl.Series(list(vocab), dtype=pl.String).gather(pl.Series(out, dtype=pl.UInt64))
+    arr = pa.LargeListArray.from_arrays(pa.array(row_off, pa.int64()), strings.to_arrow())
+    return pl.Series(name, arr, dtype=pl.List(pl.String))
+
+
+def _distinct_codes(items: pl.Series) -> tuple[object, list[str]]:
+    """(codes, distinct) with items == distinct[codes]. Hashing to u64 first is ~5x faster than
+    hashing strings twice (unique + replace); a 64-bit collision is checked for and falls back."""
+    import numpy as np
+    import polars as pl
+
+    h = items.hash(seed=0)
+    first = h.is_first_distinct()
+    distinct = items.filter(first)
+    ids = pl.int_range(len(distinct), eager=True, dtype=pl.UInt32)
+    codes = h.replace_strict(h.filter(first), ids, return_dtype=pl.UInt32)
+    if len(items) and not (distinct.gather(codes) == items).all():
+        distinct = items.unique(maintain_order=True)
+        ids = pl.int_range(len(distinct), eager=True, dtype=pl.UInt32)
+        codes = items.replace_strict(distinct, ids, return_dtype=pl.UInt32)
+    return codes.to_numpy().astype(np.int64), distinct.to_list()
 
 
 def extract_hashtags_batch(texts: pl.Series | list[str | None]) -> list[list[str]]:

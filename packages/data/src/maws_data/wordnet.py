@@ -148,7 +148,7 @@ def _fold(word: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", word.strip()).casefold())
 
 
-def _wordnet():
+def load_wordnet():
     """The nltk WordNet reader, loaded (once per process; nltk caches it), or a clear error."""
     from nltk.corpus import wordnet as wn
 
@@ -173,7 +173,7 @@ class _Index:
 @cache
 def _index() -> _Index:
     """Noun lemma -> wnids, straight from WordNet's index.noun (built once per process, ~0.3 s)."""
-    wn = _wordnet()
+    wn = load_wordnet()
     # index.noun lists each lemma's synset offsets in sense order; nltk keeps it as
     # _lemma_pos_offset_map. wn.synsets(lemma) would also add the senses of morphy's base forms
     # ("glasses" -> glass.n.01), which is rule 3's job, and is 100x slower over 117k lemmas.
@@ -201,7 +201,7 @@ def synset_of(wnid: str):
     """The nltk synset of a wnid ('n02099601' -> Synset('golden_retriever.n.01'))."""
     if not _WNID_RE.match(wnid):
         raise ValueError(f"not a noun wnid: {wnid!r} (expected 'n' + 8 digits, e.g. n02099601)")
-    return _wordnet().synset_from_pos_and_offset("n", int(wnid[1:]))
+    return load_wordnet().synset_from_pos_and_offset("n", int(wnid[1:]))
 
 
 def synset_name(wnid: str) -> str:
@@ -214,13 +214,17 @@ class HashtagMapper:
 
     def __init__(self, cfg: MappingConfig = MappingConfig()) -> None:
         self.cfg = cfg
-        self._wn = _wordnet()
+        self._wn = load_wordnet()
         self._index = _index()
         stop = cfg.stopwords()
         self._stop_wnids = frozenset(w for w in stop if _WNID_RE.match(w))
         self._stop = stop - self._stop_wnids
         self._cache: dict[str, tuple[tuple[str, ...], Rule]] = {}
         self._segment = None  # wordsegment.segment, loaded on first use (~1 s)
+
+    def __len__(self) -> int:
+        """Number of distinct tags resolved so far (the cache size)."""
+        return len(self._cache)
 
     def map(self, tag: str) -> list[str]:
         """wnids of one hashtag ([] when excluded or unmapped)."""
@@ -243,20 +247,15 @@ class HashtagMapper:
         Each distinct tag is resolved once; per row the wnids keep the tags' order, without
         duplicates. This is the fast path: only the distinct tags touch Python.
         """
-        import polars as pl
+        from maws_data.hashtags import flat_map_distinct
 
-        distinct = tag_lists.explode().drop_nulls().unique()
-        # wnids never contain U+001F, so a tag's wnids travel as one joined string (see hashtags.py).
-        joined = ["\x1f".join(self.explain(t)[0]) for t in distinct.to_list()]
-        return (
-            tag_lists.fill_null([])
-            .list.eval(pl.element().replace_strict(distinct, joined, default="", return_dtype=pl.String))
-            .list.join("\x1f")
-            .str.split("\x1f")
-            .list.eval(pl.element().filter(pl.element() != ""))
-            .list.unique(maintain_order=True)
-            .alias("wnids")
-        )
+        return flat_map_distinct(tag_lists, self._wnids_of, name="wnids")
+
+    def _wnids_of(self, tag: str) -> tuple[str, ...]:
+        hit = self._cache.get(tag)
+        if hit is None:
+            hit = self._cache[tag] = self._resolve(tag)
+        return hit[0]
 
     # -- rules -------------------------------------------------------------------------------
 
