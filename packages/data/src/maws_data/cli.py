@@ -121,8 +121,11 @@ def _print_samples(console, tar_path: Path, n: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"first {n} samples of {tar_path.name}")
-    for col in ("key", "cls", "size", "wnids", "caption"):
-        table.add_column(col)
+    table.add_column("key", no_wrap=True)
+    table.add_column("cls", no_wrap=True)
+    table.add_column("size", no_wrap=True)
+    table.add_column("wnids")
+    table.add_column("caption")
     with tarfile.open(tar_path) as tf:
         for m in tf:
             if not m.name.endswith(".json"):
