@@ -218,3 +218,42 @@ def test_ray_runner_matches_local(tiny_source, tiny_build, tmp_path):
     assert {k: remote[k] for k in tars} == tars
     assert {k: v for k, v in remote.items() if k != "manifest.json"} == \
         {k: v for k, v in local.items() if k != "manifest.json"}
+
+
+def test_known_tags_get_imagenet_style_wnids(tiny_build):
+    vocab = Vocabulary.load(tiny_build)
+    by_wnid = dict(zip(vocab.wnids, vocab.names))
+    assert by_wnid["n02084071"] == "dog.n.01" and by_wnid["n02121620"] == "cat.n.01"
+    assert {"dog", "dogs"} <= set(vocab.hashtags[vocab.index["n02084071"]])
+    hm = pl.read_csv(tiny_build / "hashtag_map.tsv", separator="\t", schema_overrides={"wnids": pl.String})
+    rows = {t: (w, r) for t, w, r in zip(hm["hashtag"], hm["wnids"], hm["rule"])}
+    assert rows["dog"] == ("n02084071", "lemma") and rows["cats"] == ("n02121620", "morphy")
+    assert rows["instagood"] == (None, "stopword")  # listed, unmapped, with the reason
+    for _, members in all_samples(tiny_build):
+        meta = json.loads(members["json"])
+        if "dog" in meta["hashtags"]:
+            assert vocab.index["n02084071"] in meta["labels"]
+
+
+def test_dali_decoder_on_cpu_gives_the_same_samples(tiny_source, tiny_build, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out = build(BuildConfig(source=str(tiny_source), out=str(tmp_path / "dali"), image_size=64, shard_size=16,
+                            min_count=2, decoder="dali", processes=1, progress=False))
+    pil, dali = all_samples(tiny_build), all_samples(out)
+    assert [k for k, _ in dali] == [k for k, _ in pil]
+    for (_, a), (_, b) in zip(pil, dali):
+        assert a["json"] == b["json"] and a["cls"] == b["cls"]  # same labels, same width/height
+        assert Image.open(io.BytesIO(b["jpg"])).size == Image.open(io.BytesIO(a["jpg"])).size
+    assert json.loads((out / "manifest.json").read_text())["config"]["decoder"] == "dali"
+
+
+@pytest.mark.gpu
+def test_dali_decoder_on_gpu_gives_the_same_samples(tiny_source, tiny_build, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = build(BuildConfig(source=str(tiny_source), out=str(tmp_path / "gpu"), image_size=64, shard_size=16,
+                            min_count=2, decoder="auto", processes=1, progress=False))
+    assert json.loads((out / "manifest.json").read_text())["config"]["decoder"] == "dali"
+    pil, dali = all_samples(tiny_build), all_samples(out)
+    assert [(k, m["json"], m["cls"]) for k, m in dali] == [(k, m["json"], m["cls"]) for k, m in pil]
