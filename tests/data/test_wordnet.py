@@ -156,3 +156,20 @@ def test_debian_wordnet_without_lexnames_gives_clear_error(tmp_path):
     proc = _run_probe(tmp_path / "nltk_data", tmp_path)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "lexnames" in proc.stdout
+
+
+def test_mine_equals_extract_then_map_on_real_tweets(mapper):
+    from maws_data.hashtags import extract_hashtags
+
+    tweets = SHARED / "text" / "tweets_emoji_train_text.txt"
+    if not tweets.exists():
+        pytest.skip(f"real tweets not found at {tweets}")
+    sample = tweets.read_text(encoding="utf-8").split("\n")[:2000]
+    mined = mapper.mine(sample)
+    assert mined.columns == ["hashtags", "wnids"]
+    expected_tags = [extract_hashtags(t) for t in sample]
+    expected_wnids = [list(dict.fromkeys(w for t in tags for w in mapper.map(t))) for tags in expected_tags]
+    assert mined["hashtags"].to_list() == expected_tags
+    assert mined["wnids"].to_list() == expected_wnids
+    assert mapper.map_series(mined["hashtags"]).to_list() == expected_wnids
+    assert sum(1 for w in expected_wnids if w) > 300  # the sample does map: a real check, not [] == []

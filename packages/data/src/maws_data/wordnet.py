@@ -251,6 +251,16 @@ class HashtagMapper:
 
         return flat_map_distinct(tag_lists, self._wnids_of, name="wnids")
 
+    def mine(self, texts: pl.Series | list[str | None]) -> pl.DataFrame:
+        """Captions -> DataFrame[hashtags: List[String], wnids: List[String]], one row per caption.
+
+        One regex pass and one distinct-chunk table serve both columns (maws_data.hashtags.mine_series);
+        this is the end-to-end fast path that tools/bench/mining.py measures.
+        """
+        from maws_data.hashtags import mine_series
+
+        return mine_series(texts, {"wnids": self._wnids_of})
+
     def _wnids_of(self, tag: str) -> tuple[str, ...]:
         hit = self._cache.get(tag)
         if hit is None:
