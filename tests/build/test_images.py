@@ -1,17 +1,16 @@
 """maws_data.images on real Instagram photos, hand-made bad files, and a local HTTP server."""
 
 import io
+import struct
 import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-import struct
+from typing import ClassVar
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps, features
-
 from maws_data.images import (
     ImageConfig,
     SkipSample,
@@ -23,6 +22,7 @@ from maws_data.images import (
     process_images_dali,
     target_size,
 )
+from PIL import Image, ImageOps, features
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IMAGES = SHARED / "instagram" / "images"
@@ -75,7 +75,7 @@ def test_raw_bytes(real_jpeg):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     image = b""
-    hits: dict[str, int] = {}
+    hits: ClassVar[dict[str, int]] = {}
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -344,7 +344,7 @@ def test_other_formats_and_modes(real_jpeg, fmt, mode):
         pytest.skip("this Pillow build has no WebP support")
     src = Image.open(io.BytesIO(real_jpeg)).convert("RGB").resize((400, 300))
     im = src.convert(mode) if mode != "I;16" else Image.fromarray(
-        (np.asarray(src.convert("L"), dtype=np.uint16) * 257))  # a uint16 array gives mode I;16
+        np.asarray(src.convert("L"), dtype=np.uint16) * 257)  # a uint16 array gives mode I;16
     buf = io.BytesIO()
     im.save(buf, fmt)
     jpeg, w, h = process_image(buf.getvalue(), ImageConfig(image_size=150))

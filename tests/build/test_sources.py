@@ -6,7 +6,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from maws_data.sources import SourceConfig, SourceError, caption_problem, read_source
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -1,13 +1,15 @@
 """Build throughput (images/s): `maws_data.build` against img2dataset, same images, same run.
 
 Both tools download the same Instagram photos from one HTTP server on 127.0.0.1 (a separate process,
-HTTP/1.1 keep-alive), resize the shorter side to --image-size (never upscaling), re-encode JPEG q90
-and write WebDataset tars, with the same number of worker processes. Wall time is measured around
-each tool's whole command (start-up included), after an untimed warm-up run of each that loads
-the Python environments; images/s counts the images each tool actually wrote.
+HTTP/1.1 keep-alive, TCP_NODELAY), resize the shorter side to --image-size (never upscaling),
+re-encode JPEG q90 and write WebDataset tars of 1000 samples, with the same number of worker
+processes. Each tool's whole command is timed (start-up included) after an untimed warm-up run on
+100 URLs; images/s counts the images each tool actually wrote. Besides wall time, the CPU time of
+each tool (all its processes) and of the server is measured: on a shared machine, CPU ms per image
+is the steadier measure of how much work each tool needs.
 
     uv run python tools/bench/build.py                         # 2 processes, URLs x4 (9,044 images)
-    uv run python tools/bench/build.py --processes 4 --repeat 8
+    uv run python tools/bench/build.py --processes 4 --repeat 8 --images-stage
     uv run python tools/bench/build.py --skip-img2dataset      # our side only
 
 img2dataset runs isolated through `uvx --from img2dataset img2dataset` (PyPI, its own deps).
@@ -20,11 +22,13 @@ import functools
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -32,6 +36,7 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "instagram"
+SHARD_SIZE = 1000
 
 
 # --------------------------------------------------------------------------- HTTP server
@@ -56,8 +61,9 @@ def _serve(folder: str, port_queue) -> None:
 
 def start_server(folder: Path) -> tuple[mp.Process, str]:
     """Serve `folder` from a separate process so its CPU use does not share a GIL with either tool."""
-    q = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=_serve, args=(str(folder), q), daemon=True)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_serve, args=(str(folder), q), daemon=True)
     proc.start()
     return proc, f"http://127.0.0.1:{q.get(timeout=60)}"
 
@@ -67,26 +73,60 @@ def start_server(folder: Path) -> tuple[mp.Process, str]:
 
 def make_inputs(data: Path, base_url: str, repeat: int, work: Path, *, limit: int | None = None
                 ) -> tuple[Path, Path, int]:
-    """A URL list for img2dataset and a captions parquet (key, image=URL, caption) for us.
+    """A URL parquet for img2dataset and a captions parquet (key, image=URL, caption) for us.
 
     --repeat replicates every image with a distinct query string (?r=i) so that neither tool can
     deduplicate, and the run lasts long enough to measure.
     """
     df = pl.read_parquet(data / "captions.parquet").select("key", "image", "caption")
     df = df if limit is None else df.head(limit)
-    reps = []
-    for r in range(repeat):
-        reps.append(df.select(
-            (pl.col("key") + f"-r{r}").alias("key"),
-            (pl.lit(base_url + "/") + pl.col("image") + f"?r={r}").alias("image"),
-            pl.col("caption"),
-        ))
-    table = pl.concat(reps)
-    urls = work / "urls.parquet"
+    table = pl.concat([df.select(
+        (pl.col("key") + f"-r{r}").alias("key"),
+        (pl.lit(base_url + "/") + pl.col("image") + f"?r={r}").alias("image"),
+        pl.col("caption"),
+    ) for r in range(repeat)])
+    work.mkdir(parents=True, exist_ok=True)
+    urls, source = work / "urls.parquet", work / "captions_urls.parquet"
     table.select(pl.col("image").alias("url"), "caption").write_parquet(urls)
-    source = work / "captions_urls.parquet"
     table.write_parquet(source)
     return urls, source, table.height
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    wall_s: float
+    images: int
+    cpu_s: float  # user+sys of the tool and all its processes
+    server_cpu_s: float  # user+sys of the HTTP server while the tool ran
+
+    @property
+    def per_s(self) -> float:
+        return self.images / self.wall_s
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * (self.cpu_s + self.server_cpu_s) / max(self.images, 1)
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], *, server_pid: int, env: dict, cwd: Path | None = None) -> tuple[float, float, float]:
+    """Run `cmd`; (wall s, CPU s of it and its descendants, CPU s of the server meanwhile)."""
+    before, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), _proc_cpu(server_pid)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd, check=False)
+    wall = time.perf_counter() - t0
+    after, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), _proc_cpu(server_pid)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, s1 - s0
 
 
 # --------------------------------------------------------------------------- img2dataset
@@ -99,67 +139,73 @@ def img2dataset_cmd(urls: Path, out: Path, args) -> list[str]:
         "--output_format=webdataset", f"--output_folder={out}",
         f"--processes_count={args.processes}", f"--thread_count={args.threads}",
         f"--image_size={args.image_size}", "--resize_mode=keep_ratio", "--resize_only_if_bigger=True",
-        "--encode_quality=90", "--encode_format=jpg", "--number_sample_per_shard=1000",
+        "--encode_quality=90", "--encode_format=jpg", f"--number_sample_per_shard={SHARD_SIZE}",
         "--timeout=10", "--retries=2", "--compute_hash=None", "--enable_wandb=False",
         "--distributor=multiprocessing",
     ]
 
 
-def run_img2dataset(urls: Path, out: Path, args) -> tuple[float, int]:
+def run_img2dataset(urls: Path, out: Path, args, server_pid: int) -> Timing:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    cmd = img2dataset_cmd(urls, out, args)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"img2dataset failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    wall, cpu, server = timed(img2dataset_cmd(urls, out, args), server_pid=server_pid, env=env)
     ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
-    return seconds, ok
+    return Timing(wall, ok, cpu, server)
 
 
 # --------------------------------------------------------------------------- ours
 
 
 OUR_DRIVER = r"""
-import json, sys, time
+import json, sys
 from maws_data.build import build, BuildConfig
-kwargs = json.loads(sys.argv[1])
-t0 = time.perf_counter()
-result = build(BuildConfig(**kwargs))
-print(json.dumps({"seconds_in_process": time.perf_counter() - t0}))
+build(BuildConfig(**json.loads(sys.argv[1])))
 """
 
 
 def our_kwargs(source: Path, out: Path, args) -> dict:
     """BuildConfig fields for maws_data.build (see packages/data/src/maws_data/build.py)."""
     return {"source": str(source), "out": str(out), "image_size": args.image_size, "jpeg_quality": 90,
-            "processes": args.processes, "shard_size": 1000, "decoder": args.decoder, "progress": False,
+            "processes": args.processes, "shard_size": SHARD_SIZE, "decoder": args.decoder, "progress": False,
             "timeout_s": 10.0, "retries": 2}
 
 
-def run_ours(source: Path, out: Path, args) -> tuple[float, int]:
+def run_ours(source: Path, out: Path, args, server_pid: int) -> tuple[Timing, float]:
+    """Whole build in a fresh process: its Timing, and the seconds of its image pass.
+
+    The image pass (shards, DALI indexes, skipped.jsonl, manifest) is read from the files' times:
+    it starts when hashtag_map.tsv is written (end of the text pass) and ends with manifest.json.
+    """
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault("NLTK_DATA", str(ROOT.parent / "shared" / "data" / "nltk_data"))
     cmd = [sys.executable, "-c", OUR_DRIVER, json.dumps(our_kwargs(source, out, args))]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"maws_data.build failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    wall, cpu, server = timed(cmd, server_pid=server_pid, env=env, cwd=ROOT)
     manifest = json.loads((out / "manifest.json").read_text())
-    return seconds, _written(manifest)
-
-
-def _written(manifest: dict) -> int:
-    return manifest["counts"]["written"]
+    image_pass = (out / "manifest.json").stat().st_mtime - (out / "hashtag_map.tsv").stat().st_mtime
+    return Timing(wall, manifest["counts"]["written"], cpu, server), image_pass
 
 
 # --------------------------------------------------------------------------- images stage only
 
 
-def _images_chunk(urls: list[str], image_size: int, threads: int) -> int:
+STAGE_DRIVER = r"""
+import multiprocessing as mp, sys
+from pathlib import Path
+import polars as pl
+sys.path.insert(0, "tools/bench")
+from build import images_chunk
+if __name__ == "__main__":
+    source, procs, size, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    urls = pl.read_parquet(source)["image"].to_list()
+    chunks = [urls[i::procs * 8] for i in range(procs * 8)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        ok = sum(pool.starmap(images_chunk, [(c, size, threads) for c in chunks]))
+    source.with_suffix(".stage").write_text(str(ok))
+"""
+
+
+def images_chunk(urls: list[str], image_size: int, threads: int) -> int:
     from maws_data.images import ImageConfig, SkipSample, load_and_process_many
 
     cfg = ImageConfig(image_size=image_size, decoder="pil")
@@ -167,18 +213,39 @@ def _images_chunk(urls: list[str], image_size: int, threads: int) -> int:
     return sum(not isinstance(r, SkipSample) for r in results)
 
 
-def run_images_stage(source: Path, args) -> tuple[float, int]:
-    """maws_data.images alone (download + decode + resize + encode, no tar writing, no labels):
-    the ceiling the builder's image work can reach with this many processes."""
-    urls = pl.read_parquet(source)["image"].to_list()
-    chunks = [urls[i::args.processes * 8] for i in range(args.processes * 8)]
-    t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(args.processes) as pool:
-        ok = sum(pool.starmap(_images_chunk, [(c, args.image_size, args.our_threads) for c in chunks]))
-    return time.perf_counter() - t0, ok
+def run_images_stage(source: Path, args, server_pid: int) -> Timing:
+    """maws_data.images alone (download + decode + resize + encode; no tar, no labels) in a pool of
+    --processes processes with --our-threads threads each: the ceiling for the builder's image pass."""
+    cmd = [sys.executable, "-c", STAGE_DRIVER, str(source), str(args.processes), str(args.image_size),
+           str(args.our_threads)]
+    wall, cpu, server = timed(cmd, server_pid=server_pid, env=dict(os.environ), cwd=ROOT)
+    return Timing(wall, int(source.with_suffix(".stage").read_text()), cpu, server)
 
 
 # --------------------------------------------------------------------------- main
+
+
+def report(results: dict[str, Timing], image_pass: float | None) -> None:
+    print(f"{'':>18}  {'images':>6}  {'wall s':>7}  {'images/s':>8}  CPU ms/image (tool + server)")
+    for name, t in results.items():
+        print(f"{name:>18}  {t.images:6d}  {t.wall_s:7.2f}  {t.per_s:8.1f}  {t.cpu_ms_per_image:6.2f} "
+              f"({1000 * t.cpu_s / max(t.images, 1):.2f} + {1000 * t.server_cpu_s / max(t.images, 1):.2f})")
+    ours = results.get("maws-data build")
+    if ours and image_pass:
+        print(f"{'build image pass':>18}  {ours.images:6d}  {image_pass:7.2f}  {ours.images / image_pass:8.1f}"
+              "  (hashtag_map.tsv -> manifest.json)")
+    base = results.get("img2dataset")
+    if not base:
+        return
+    for name, t in results.items():
+        if name != "img2dataset":
+            print(f"ratio {name} / img2dataset: {t.per_s / base.per_s:.2f}x images/s, "
+                  f"{base.cpu_ms_per_image / t.cpu_ms_per_image:.2f}x less CPU per image")
+    if ours and image_pass:
+        print(f"ratio build image pass / img2dataset: {ours.images / image_pass / base.per_s:.2f}x images/s")
+    if ours:
+        print(f"target: maws-data build >= 3x img2dataset images/s -> "
+              f"{'MET' if ours.per_s >= 3 * base.per_s else 'NOT met'} ({ours.per_s / base.per_s:.2f}x)")
 
 
 def main() -> None:
@@ -186,7 +253,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with captions.parquet and images/")
     ap.add_argument("--processes", type=int, default=2, help="worker processes, both tools")
     ap.add_argument("--threads", type=int, default=32, help="img2dataset download threads per process")
-    ap.add_argument("--our-threads", type=int, default=4, help="maws-data threads per process (images stage)")
+    ap.add_argument("--our-threads", type=int, default=4, help="threads per process for --images-stage")
     ap.add_argument("--decoder", default="pil", choices=["auto", "pil", "dali"], help="maws-data decoder")
     ap.add_argument("--image-size", type=int, default=256, help="shorter side after resize, both tools")
     ap.add_argument("--repeat", type=int, default=4, help="replicate the URL list this many times")
@@ -200,33 +267,27 @@ def main() -> None:
         sys.exit(f"no captions.parquet in {args.data} (pass --data)")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="maws-bench-build-"))
-    work.mkdir(parents=True, exist_ok=True)
     server, base_url = start_server(args.data)
+    results: dict[str, Timing] = {}
+    image_pass = None
     try:
         urls, source, n = make_inputs(args.data, base_url, args.repeat, work)
-        (work / "warm").mkdir(exist_ok=True)
         warm_urls, warm_source, _ = make_inputs(args.data, base_url, 1, work / "warm", limit=100)
-        print(f"{n} images served from {base_url}; {args.processes} processes; shorter side {args.image_size}")
-        results = {}
+        print(f"{n} images served from {base_url}; {args.processes} processes; shorter side {args.image_size}",
+              flush=True)
         if not args.skip_img2dataset:
-            run_img2dataset(warm_urls, work / "i2d-warm", args)  # untimed: uvx env, imports, page cache
-            results["img2dataset"] = run_img2dataset(urls, work / "i2d", args)
+            run_img2dataset(warm_urls, work / "i2d-warm", args, server.pid)  # untimed: uvx env, imports
+            results["img2dataset"] = run_img2dataset(urls, work / "i2d", args, server.pid)
         if not args.skip_ours:
-            run_ours(warm_source, work / "ours-warm", args)
-            results["maws-data build"] = run_ours(source, work / "ours", args)
+            run_ours(warm_source, work / "ours-warm", args, server.pid)
+            results["maws-data build"], image_pass = run_ours(source, work / "ours", args, server.pid)
         if args.images_stage:
-            results["images stage only"] = run_images_stage(source, args)
+            results["images stage only"] = run_images_stage(source, args, server.pid)
     finally:
         server.kill()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-
-    for name, (seconds, ok) in results.items():
-        print(f"{name:>18}: {ok:6d} images in {seconds:7.2f} s = {ok / seconds:8.1f} images/s")
-    if len(results) == 2:
-        (t_i2d, n_i2d), (t_us, n_us) = results["img2dataset"], results["maws-data build"]
-        ratio = (n_us / t_us) / (n_i2d / t_i2d)
-        print(f"ratio maws-data / img2dataset: {ratio:.2f}x (target >= 3x)")
+    report(results, image_pass)
 
 
 if __name__ == "__main__":

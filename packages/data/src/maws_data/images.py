@@ -31,8 +31,8 @@ import io
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -103,7 +103,7 @@ def _describe(ref: str | bytes) -> str:
 
 
 def _read_local(ref: str, base_dir: str, cfg: ImageConfig) -> bytes:
-    path = Path(ref[len("file://"):] if ref.startswith("file://") else ref)
+    path = Path(ref.removeprefix("file://"))
     if not path.is_absolute():
         path = Path(base_dir) / path
     try:

@@ -102,7 +102,7 @@ def _read_file(path: Path, cfg: SourceConfig) -> pl.DataFrame:
             raw = _read_jsonl(path, list(wanted))
     except SourceError:
         raise
-    except Exception as e:  # noqa: BLE001 - any reader failure is "unreadable file" for the user
+    except Exception as e:
         raise SourceError(f"source file {path}: cannot be read ({type(e).__name__}: {e})") from e
     raw = raw.rename({src: dst for src, dst in wanted.items() if src != dst and src in raw.columns})
     return _normalise(raw, path)
@@ -150,9 +150,9 @@ def _read_jsonl(path: Path, wanted: list[str]) -> pl.DataFrame:
                 continue
             try:
                 obj = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
             except ValueError:
+                obj = None
+            if not isinstance(obj, dict):  # unparseable, or valid JSON that is not an object
                 rows.append({"problem": "bad_json_line"})
                 continue
             seen.update(obj)
