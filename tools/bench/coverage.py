@@ -40,7 +40,7 @@ def main() -> None:
     counts: Counter[str] = Counter()
     for line in args.tags.read_text(encoding="utf-8").splitlines():
         # the same normalisation as mined hashtags; a post lists each tag once
-        counts.update(set(t for t in map(normalise_tag, line.split()) if t))
+        counts.update({t for t in map(normalise_tag, line.split()) if t})
 
     mapper = HashtagMapper()
     t = time.perf_counter()
