@@ -316,12 +316,17 @@ def test_dali_cpu_bad_images_are_per_sample(real_paths, real_jpeg):
     pytest.importorskip("nvidia.dali")
     cfg = ImageConfig(image_size=200)
     good = [p.read_bytes() for p in real_paths[:2]]
-    batch = [good[0], real_jpeg[: len(real_jpeg) // 2], b"", b"text", _png_bomb(20000, 20000), good[1]]
+    # headers Pillow parses but a Huffman table libjpeg rejects: fails inside the DALI batch itself
+    dht = real_jpeg.index(b"\xff\xc4")
+    bogus = real_jpeg[: dht + 5] + b"\xff" * 16 + real_jpeg[dht + 21:]
+    assert Image.open(io.BytesIO(bogus)).size == Image.open(io.BytesIO(real_jpeg)).size
+    batch = [good[0], real_jpeg[: len(real_jpeg) // 2], b"", b"text", _png_bomb(20000, 20000), bogus, good[1]]
     results = process_images_dali(batch, cfg, device="cpu")
     reasons = [r.reason if isinstance(r, SkipSample) else None for r in results]
-    assert reasons == [None, "truncated", "empty", "not_image", "too_large", None]
+    assert reasons == [None, "truncated", "empty", "not_image", "too_large", "decode_error", None]
+    assert _skip_reason(process_image, bogus, cfg) == "decode_error"
     assert results[0] == process_images_dali([good[0]], cfg, device="cpu")[0]  # deterministic
-    assert results[5][1:] == process_image(good[1], cfg)[1:]
+    assert results[6][1:] == process_image(good[1], cfg)[1:]
 
 
 @pytest.mark.gpu

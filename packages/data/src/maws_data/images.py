@@ -290,7 +290,7 @@ def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
 
 def _error_reason(e: BaseException) -> str:
     text = str(e).lower()
-    if isinstance(e, EOFError) or "truncated" in text or "premature end" in text or "broken data stream" in text:
+    if isinstance(e, EOFError) or "truncated" in text or "premature end" in text:
         return "truncated"
     return "decode_error"
 
@@ -423,7 +423,10 @@ def process_images_dali(datas: list[bytes], cfg: ImageConfig, *, device: str
     for i, data in enumerate(datas):
         try:
             im = _open(data, cfg)
-            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+            # Only complete (EOI-terminated) plain JPEGs go to DALI: nvJPEG may decode a truncated
+            # file into a grey-padded image where Pillow says "truncated", and both decoders must
+            # keep and skip the same rows.
+            if im.format != "JPEG" or im.mode not in ("RGB", "L") or not _ends_with_eoi(data):
                 results[i] = process_image(data, cfg)
                 continue
             w, h = im.size
@@ -435,6 +438,10 @@ def process_images_dali(datas: list[bytes], cfg: ImageConfig, *, device: str
     for start in range(0, len(todo), DALI_MAX_BATCH):
         _run_dali_batch(todo[start:start + DALI_MAX_BATCH], datas, results, cfg, device)
     return results  # type: ignore[return-value]
+
+
+def _ends_with_eoi(data: bytes) -> bool:
+    return data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
 
 
 def _run_dali_batch(batch, datas, results, cfg: ImageConfig, device: str) -> None:
