@@ -112,6 +112,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b"oops") if n == 1 else self._send(200, self.image)
         elif path == "/always500.jpg":
             self._send(503, b"down")
+        elif path == "/redirect.jpg":  # relative Location
+            self.send_response(302)
+            self.send_header("Location", "/img.jpg")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/loop.jpg":
+            self.send_response(301)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/loop.jpg")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/busy.jpg":  # 429 first, then the image
+            self._send(429, b"slow down") if n == 1 else self._send(200, self.image)
         elif path == "/img-then-hangup.jpg":  # keep-alive response, then the server drops the connection
             self._send(200, self.image)
             self.close_connection = True
@@ -148,6 +160,11 @@ def test_http_download(server, real_jpeg):
     assert _Handler.hits["/flaky.jpg"] == 2
     assert _skip_reason(load_image_bytes, f"{server}/always500.jpg", base_dir=".", cfg=cfg) == "download_failed"
     assert _Handler.hits["/always500.jpg"] == 2
+    # redirects are followed (relative Location), a loop is cut off; 429 is retried
+    assert load_image_bytes(f"{server}/redirect.jpg", base_dir=".", cfg=cfg) == real_jpeg
+    assert _skip_reason(load_image_bytes, f"{server}/loop.jpg", base_dir=".", cfg=cfg) == "download_failed"
+    assert _Handler.hits["/loop.jpg"] == 6
+    assert load_image_bytes(f"{server}/busy.jpg", base_dir=".", cfg=cfg) == real_jpeg
     # after all that, the server still works (no connection left in a broken state)
     assert load_image_bytes(f"{server}/img.jpg", base_dir=".", cfg=cfg) == real_jpeg
 

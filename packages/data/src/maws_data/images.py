@@ -128,21 +128,44 @@ class _RetryableError(Exception):
 _connections = threading.local()
 
 
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+RETRYABLE_4XX = (408, 429)  # request timeout, too many requests: worth another attempt
+
+
 def download(url: str, cfg: ImageConfig) -> bytes:
-    """GET `url` with a per-attempt deadline, `cfg.retries` retries (5xx, timeouts, connection
-    errors; 4xx fail at once) and a body cap; raises SkipSample."""
+    """GET `url`: up to MAX_REDIRECTS redirects, a per-attempt deadline, `cfg.retries` retries
+    (5xx, 408, 429, timeouts, connection errors; other 4xx fail at once) and a body cap;
+    raises SkipSample."""
     last = ""
     for attempt in range(cfg.retries + 1):
         if attempt:
             time.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
         try:
-            return _get(url, cfg)
+            return _get_following_redirects(url, cfg)
         except _RetryableError as e:
             last = str(e)
     raise SkipSample("download_failed", f"{url}: {last} (after {cfg.retries + 1} attempts)")
 
 
-def _get(url: str, cfg: ImageConfig) -> bytes:
+def _get_following_redirects(url: str, cfg: ImageConfig) -> bytes:
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        result = _get(current, cfg)
+        if isinstance(result, bytes):
+            return result
+        current = urllib.parse.urljoin(current, result.location)
+        if not current.startswith(("http://", "https://")):
+            raise SkipSample("download_failed", f"{url}: redirected to a non-HTTP location {current!r}")
+    raise SkipSample("download_failed", f"{url}: more than {MAX_REDIRECTS} redirects")
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    location: str
+
+
+def _get(url: str, cfg: ImageConfig) -> bytes | _Redirect:
     parts = urllib.parse.urlsplit(url)
     target = parts.path or "/"
     if parts.query:
@@ -162,9 +185,17 @@ def _get(url: str, cfg: ImageConfig) -> bytes:
             conn = _connection(parts.scheme, parts.netloc, cfg.timeout_s)
             conn.request("GET", target, headers={"User-Agent": "maws-data", "Accept-Encoding": "identity"})
             resp = conn.getresponse()
-        if resp.status >= 500:
-            resp.read()
+        if resp.status >= 500 or resp.status in RETRYABLE_4XX:
+            _read_capped(resp, url, cfg, deadline)
             raise _RetryableError(f"HTTP {resp.status}")
+        if resp.status in REDIRECT_STATUSES:
+            location = resp.getheader("Location")
+            _read_capped(resp, url, cfg, deadline)  # small body; leaves the connection reusable
+            if resp.will_close:
+                _drop_connection(parts.scheme, parts.netloc)
+            if not location:
+                raise SkipSample("download_failed", f"{url}: HTTP {resp.status} without a Location")
+            return _Redirect(location)
         if resp.status != 200:
             _drop_connection(parts.scheme, parts.netloc)
             raise SkipSample("download_failed", f"{url}: HTTP {resp.status} {resp.reason}")
