@@ -341,7 +341,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, int, int]:
     upright = (h, w) if orientation in TRANSPOSED_ORIENTATIONS else (w, h)
     out_w, out_h = target_size(*upright, cfg.image_size)
     try:
-        if im.format == "JPEG" and (out_w, out_h) != upright:
+        if im.format in ("JPEG", "MPO") and (out_w, out_h) != upright:  # MPO: camera JPEGs
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale; draft keeps the size >= the request
             # (in stored orientation), so the exact resize below still downsamples.
             req = (out_h, out_w) if orientation in TRANSPOSED_ORIENTATIONS else (out_w, out_h)
