@@ -131,3 +131,15 @@ def test_raw_bytes_image_column(real, tmp_path):
                       type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     pq.write_table(pa.table({"key": ["k0", "k1"], "image": struct, "caption": ["a", "b"]}), tmp_path / "hf.parquet")
     assert read_source(SourceConfig(str(tmp_path / "hf.parquet")))["image"].to_list() == [blobs[0], "images/x.jpg"]
+
+
+def test_dictionary_and_integer_columns(tmp_path):
+    path = tmp_path / "dict.parquet"
+    pq.write_table(pa.table({"key": pa.array([10, 11, None], type=pa.int64()),
+                             "image": pa.array(["a.jpg", "b.jpg", "a.jpg"]).dictionary_encode(),
+                             "caption": pa.array(["#x", None, "#x"]).dictionary_encode()}), path)
+    df = read_source(SourceConfig(str(path)))
+    assert df["key"].to_list() == ["10", "11", None]
+    assert df["image"].to_list() == ["a.jpg", "b.jpg", "a.jpg"]
+    assert df["caption"].to_list() == ["#x", None, "#x"]
+    assert df.schema["image"] == pl.String

@@ -192,7 +192,7 @@ def _from_arrow(table: pa.Table, wanted: list[str], *, image_is_text: bool) -> p
     problems = [None] * table.num_rows
     for name, code in ((key, "key_not_utf8"), (caption, "caption_not_utf8")):
         cols[name] = _text_column(table.column(name), code, problems)
-    img = table.column(image)
+    img = _plain(table.column(image))
     if pa.types.is_struct(img.type):  # HF datasets Image feature: {"bytes": binary, "path": str}
         values = [None if v is None else (v.get("bytes") or v.get("path")) for v in img.to_pylist()]
         kinds = {type(v) for v in values if v is not None}
@@ -207,8 +207,20 @@ def _from_arrow(table: pa.Table, wanted: list[str], *, image_is_text: bool) -> p
     return df.with_columns(pl.Series("problem", problems, dtype=pl.String))
 
 
+def _plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Dictionary-encoded and view columns as their plain string/binary type."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if getattr(pa.types, "is_string_view", lambda t: False)(col.type):
+        col = col.cast(pa.large_string())
+    if getattr(pa.types, "is_binary_view", lambda t: False)(col.type):
+        col = col.cast(pa.large_binary())
+    return col
+
+
 def _text_column(col: pa.ChunkedArray, code: str, problems: list[str | None]) -> pl.Series:
     """A column as strings; values that are not valid UTF-8 become null and mark the row's problem."""
+    col = _plain(col)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         return pl.Series(values=col.combine_chunks() if col.num_chunks else col).cast(pl.String)
     if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
