@@ -116,15 +116,14 @@ def _check_columns(path: Path, have: list[str], wanted: list[str]) -> None:
 
 
 def _read_parquet(path: Path, wanted: list[str]) -> pl.DataFrame:
-    schema = pl.read_parquet_schema(path)
-    _check_columns(path, list(schema), wanted)
+    _check_columns(path, pa_parquet.read_schema(path).names, wanted)
     table = pa_parquet.read_table(path, columns=wanted)
     return _from_arrow(table, wanted, image_is_text=False)
 
 
 def _read_csv(path: Path, wanted: list[str]) -> pl.DataFrame:
     # Read every column as binary: a CSV with bad bytes in one caption must not sink the whole
-    # file; the bytes are decoded per column in _normalise and bad cells become row problems.
+    # file; the bytes are decoded in _text_column and bad cells become row problems.
     with open(path, "rb") as f:
         header = f.readline().decode("utf-8", errors="replace").lstrip("\ufeff")
     have = next(csv.reader([header]), [])
