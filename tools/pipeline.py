@@ -79,9 +79,9 @@ PRESETS: dict[str, PipelinePreset] = {
     ),
     # the largest experiment ~15 min of 2 shared CPU cores affords (docs/eval.md has its table)
     "cpu": PipelinePreset(
-        rows=0, image_size=64, min_count=5, mae_steps=600, wsp_steps=400, batch_size=64,
-        eval_train_per_class=200, eval_val_per_class=100,
-        protocols=("linear", "knn", "fewshot"),
+        rows=0, image_size=96, min_count=5, img_size=64, batch_size=64, mae_steps=1600, wsp_steps=1200,
+        eval_train_per_class=200, eval_val_per_class=100, eval_batch_size=100,
+        protocols=("linear", "knn", "fewshot"), eval_sets=("linear.seeds=0,1,2",),
     ),
     # one GPU: ViT-S/16 and ViT-B/16 at 224 px on the whole caption table and full Imagenette
     "gpu_s16": PipelinePreset(
@@ -137,7 +137,7 @@ class Pipeline:
         self.marker(stage).unlink(missing_ok=True)
         start = time.monotonic()
         env = {**os.environ, "NLTK_DATA": os.environ.get("NLTK_DATA", str(default_nltk_data()))}
-        result = subprocess.run(cmd, env=env)
+        result = subprocess.run(cmd, env=env, check=False)  # exit code reported below with the stage name
         if result.returncode != 0:
             raise SystemExit(f"[pipeline] stage {stage} failed (exit {result.returncode}): {shlex.join(cmd)}")
         missing = [str(p) for p in outputs if not p.exists()]
@@ -224,7 +224,6 @@ class Pipeline:
             return out
         self.dirty = True
         import torch
-
         from maws_train.checkpoint import export_encoder
         from maws_train.models import build_encoder
 

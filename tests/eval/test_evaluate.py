@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from maws_eval.config import DataConfig, FewshotConfig, FinetuneConfig, LinearConfig
 from maws_eval.datasets import DatasetError, open_dataset
 from maws_eval.evaluate import ProtocolConfigs, evaluate, feature_set, parse_encoder

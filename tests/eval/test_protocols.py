@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from maws_eval import fewshot, knn, linear_probe
 from maws_eval.config import FewshotConfig, KnnConfig, LinearConfig, override
 from maws_eval.metrics import mean_std, top1
@@ -83,7 +82,7 @@ def test_fewshot_matches_primal_ridge_and_loo_grid():
     acc, l2 = fewshot.lsr_accuracy(x, y, SEPARABLE.x_val, SEPARABLE.y_val, num_classes=NUM_CLASSES, l2_grid=(8.0,))
     xd = x.double()
     mean, std = xd.mean(0, keepdim=True), xd.std(0, unbiased=False, keepdim=True) + 1e-5
-    pad = lambda t: torch.nn.functional.pad((t.double() - mean) / std, (0, 1), value=100.0)  # noqa: E731
+    pad = lambda t: torch.nn.functional.pad((t.double() - mean) / std, (0, 1), value=100.0)
     xp = pad(xd)
     yp = 2.0 * torch.nn.functional.one_hot(y, NUM_CLASSES).double() - 1
     w = torch.linalg.solve(xp.T @ xp + 8.0 * torch.eye(xp.shape[1], dtype=torch.float64), xp.T @ yp)

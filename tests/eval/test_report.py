@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from maws_eval import fewshot, knn, linear_probe
 from maws_eval.config import FewshotConfig, LinearConfig
 from maws_eval.protocol import DatasetRef, EncoderRef, FeatureSet, result_record, write_result

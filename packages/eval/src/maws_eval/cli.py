@@ -14,26 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from maws_eval.config import PROTOCOLS, DataConfig, override
-from maws_eval.evaluate import ProtocolConfigs, evaluate, parse_encoder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MAWS evaluation and report.")
 
 EncodersArg = Annotated[list[str], typer.Argument(help="encoders: NAME=PATH or PATH (run dir or checkpoint file)")]
 DataOpt = Annotated[Path, typer.Option("--data", help="eval dataset: ImageFolder tree with train/ and val/")]
 OutOpt = Annotated[Path, typer.Option("--out", help="directory for the result JSON files")]
-CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="feature cache (default: OUT/../feature-cache)")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="feature cache (default: OUT/../feature-cache)")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="always re-extract features")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="override: section.field=value, section in "
                                                           "data|linear|knn|fewshot|finetune (repeatable)")]
-NameOpt = Annotated[Optional[str], typer.Option("--dataset-name", help="dataset id in results (default: folder name)")]
+NameOpt = Annotated[str | None, typer.Option("--dataset-name", help="dataset id in results (default: folder name)")]
 
 
-def _configs(sets: list[str]) -> tuple[ProtocolConfigs, DataConfig]:
+def _configs(sets: list[str]):
     by_section: dict[str, list[str]] = {}
     for item in sets:
         section, dot, rest = item.partition(".")
@@ -41,6 +40,8 @@ def _configs(sets: list[str]) -> tuple[ProtocolConfigs, DataConfig]:
             raise typer.BadParameter(f"--set {item!r}: expected section.field=value with section in "
                                      f"data, {', '.join(PROTOCOLS)}")
         by_section.setdefault(section, []).append(rest)
+    from maws_eval.evaluate import ProtocolConfigs
+
     configs = ProtocolConfigs()
     data = override(DataConfig(), by_section.pop("data", []))
     for section, items in by_section.items():
@@ -50,6 +51,9 @@ def _configs(sets: list[str]) -> tuple[ProtocolConfigs, DataConfig]:
 
 def _run(protocols: list[str], encoders: list[str], data: Path, out: Path, cache_dir: Path | None, no_cache: bool,
          sets: list[str], dataset_name: str | None) -> None:
+    # imported here so `maws-eval report` does not pay for torch/timm/maws_train imports
+    from maws_eval.evaluate import evaluate, parse_encoder
+
     try:
         configs, data_cfg = _configs(sets)
         refs = [parse_encoder(e) for e in encoders]
@@ -96,7 +100,7 @@ def report(
     results: Annotated[list[Path], typer.Argument(help="result JSON files or directories of them")],
     out: Annotated[Path, typer.Option("--out", help="report directory")],
     runs: Annotated[list[Path], typer.Option("--runs", help="training run dir with metrics.jsonl (repeatable)")] = [],  # noqa: B006
-    order: Annotated[Optional[str], typer.Option(help="comma-separated encoder order for tables and plots")] = None,
+    order: Annotated[str | None, typer.Option(help="comma-separated encoder order for tables and plots")] = None,
 ) -> None:
     """report.md + report.json + PNG plots (bars per protocol, few-shot curves, loss curves)."""
     from maws_eval.report import write_report

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from maws_data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, torchvision_transform
 from PIL import Image
 
-from maws_data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, torchvision_transform
 from maws_eval.config import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -128,7 +128,8 @@ def _image_folder_split(root: Path, split: str, classes: list[str], *, limit: in
     return ImageFolderSplit(root=root, items=tuple(items))
 
 
-def open_image_folder(root: Path, cfg: DataConfig = DataConfig(), *, dataset_id: str | None = None) -> EvalDataset:
+def open_image_folder(root: Path, cfg: DataConfig | None = None, *, dataset_id: str | None = None) -> EvalDataset:
+    cfg = cfg or DataConfig()
     root = Path(root).resolve()
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -141,7 +142,7 @@ def open_image_folder(root: Path, cfg: DataConfig = DataConfig(), *, dataset_id:
     return EvalDataset(id=dataset_id or root.name, path=str(root), classes=tuple(classes), train=train, val=val)
 
 
-def open_dataset(path: Path, cfg: DataConfig = DataConfig(), *, dataset_id: str | None = None) -> EvalDataset:
+def open_dataset(path: Path, cfg: DataConfig | None = None, *, dataset_id: str | None = None) -> EvalDataset:
     """Open an eval dataset by path (ImageFolder tree with train/ and val/)."""
     path = Path(path)
     if not path.exists():

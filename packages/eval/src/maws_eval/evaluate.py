@@ -14,14 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maws_train.checkpoint import ENCODER_INFO, ENCODER_WEIGHTS, load_encoder
+
 from maws_eval import fewshot, finetune, knn, linear_probe
 from maws_eval.config import PROTOCOLS, DataConfig, FewshotConfig, FinetuneConfig, KnnConfig, LinearConfig
 from maws_eval.datasets import EvalDataset, eval_preprocessing, open_dataset
 from maws_eval.features import cached, extract, file_sha256
 from maws_eval.protocol import (
-    DatasetRef, EncoderRef, FeatureSet, Measurement, current_command, result_record, write_result,
+    DatasetRef,
+    EncoderRef,
+    FeatureSet,
+    Measurement,
+    current_command,
+    result_record,
+    write_result,
 )
-from maws_train.checkpoint import ENCODER_INFO, ENCODER_WEIGHTS, load_encoder
 
 FEATURE_PROTOCOLS: dict[str, Callable[..., list[Measurement]]] = {
     "linear": linear_probe.run, "knn": knn.run, "fewshot": fewshot.run,
@@ -95,10 +102,11 @@ def feature_set(enc: EncoderRef, ds: EvalDataset, *, data_cfg: DataConfig, cache
 
 def evaluate(
     encoders: Sequence[EncoderRef], dataset: str | Path, *, protocols: Sequence[str], out_dir: Path,
-    configs: ProtocolConfigs = ProtocolConfigs(), data_cfg: DataConfig = DataConfig(),
+    configs: ProtocolConfigs | None = None, data_cfg: DataConfig | None = None,
     cache_dir: Path | None = None, dataset_id: str | None = None, command: str | None = None,
 ) -> list[Path]:
     """Run `protocols` for every encoder; returns the result files written."""
+    configs, data_cfg = configs or ProtocolConfigs(), data_cfg or DataConfig()
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")

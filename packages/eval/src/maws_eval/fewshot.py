@@ -50,7 +50,7 @@ def lsr_accuracy(
     """(test top-1, l2 used). float64 throughout: eigh on a near-singular kernel needs it."""
     x, x_test = x.double(), x_test.double()
     mean, std = x.mean(0, keepdim=True), x.std(0, unbiased=False, keepdim=True) + 1e-5
-    pad = lambda t: torch.nn.functional.pad((t - mean) / std, (0, 1), value=BIAS_CONSTANT)  # noqa: E731
+    pad = lambda t: torch.nn.functional.pad((t - mean) / std, (0, 1), value=BIAS_CONSTANT)
     x_nd, x_test_md = pad(x), pad(x_test)
     y_pm = 2.0 * torch.nn.functional.one_hot(y, num_classes).double() - 1.0
     k_nn = x_nd @ x_nd.T
@@ -65,7 +65,8 @@ def lsr_accuracy(
     return top1(x_test_md @ w, y_test), l2
 
 
-def run(feats: FeatureSet, cfg: FewshotConfig = FewshotConfig()) -> list[Measurement]:
+def run(feats: FeatureSet, cfg: FewshotConfig | None = None) -> list[Measurement]:
+    cfg = cfg or FewshotConfig()
     out = []
     for shots in cfg.shots:
         values, chosen = [], []

@@ -20,15 +20,15 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from maws_data.transforms import torchvision_transform
+from maws_train.checkpoint import load_encoder
 from timm.optim import param_groups_layer_decay
 
-from maws_data.transforms import torchvision_transform
 from maws_eval.config import DataConfig, FinetuneConfig
 from maws_eval.datasets import EvalDataset
 from maws_eval.features import pick_device
 from maws_eval.metrics import top1
 from maws_eval.protocol import Measurement, config_dict
-from maws_train.checkpoint import load_encoder
 
 
 def lr_at(step: int, *, total: int, warmup: int, peak: float) -> float:
@@ -107,8 +107,9 @@ def finetune_once(encoder_path: str, ds: EvalDataset, cfg: FinetuneConfig, *, da
     return evaluate_top1(model, ds, image_size=image_size, data_cfg=data_cfg, device=device), losses
 
 
-def run(encoder_path: str, ds: EvalDataset, cfg: FinetuneConfig = FinetuneConfig(), *,
-        data_cfg: DataConfig = DataConfig()) -> list[Measurement]:
+def run(encoder_path: str, ds: EvalDataset, cfg: FinetuneConfig | None = None, *,
+        data_cfg: DataConfig | None = None) -> list[Measurement]:
+    cfg, data_cfg = cfg or FinetuneConfig(), data_cfg or DataConfig()
     values, last_losses = [], []
     for seed in cfg.seeds:
         acc, losses = finetune_once(encoder_path, ds, cfg, data_cfg=data_cfg, seed=seed)

@@ -32,6 +32,7 @@ def knn_predict(
     return torch.cat(preds)
 
 
-def run(feats: FeatureSet, cfg: KnnConfig = KnnConfig()) -> list[Measurement]:
+def run(feats: FeatureSet, cfg: KnnConfig | None = None) -> list[Measurement]:
+    cfg = cfg or KnnConfig()
     preds = knn_predict(feats.x_train, feats.y_train, feats.x_val, num_classes=feats.num_classes, cfg=cfg)
     return [Measurement(protocol="knn", values=(top1(preds, feats.y_val),), seeds=(), config=config_dict(cfg))]

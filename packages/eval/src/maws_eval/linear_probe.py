@@ -75,7 +75,8 @@ def probe_once(feats: FeatureSet, cfg: LinearConfig, seed: int) -> tuple[float, 
     return top1(x_val @ w + b, feats.y_val), best_l2, sweep
 
 
-def run(feats: FeatureSet, cfg: LinearConfig = LinearConfig()) -> list[Measurement]:
+def run(feats: FeatureSet, cfg: LinearConfig | None = None) -> list[Measurement]:
+    cfg = cfg or LinearConfig()
     values, chosen, sweeps = [], [], []
     for seed in cfg.seeds:
         acc, l2, sweep = probe_once(feats, cfg, seed)

@@ -21,7 +21,7 @@ import shlex
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def result_record(m: Measurement, *, encoder: EncoderRef, dataset: DatasetRef, c
         "shots": m.shots,
         "config": m.config,
         "command": command,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "num_train": dataset.num_train,
         "num_val": dataset.num_val,
         "num_classes": dataset.num_classes,

@@ -87,7 +87,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             raise ValueError(f"{path}:{line_no}: not JSON ({e})") from e
         if key is None:
             candidates = [k for k, v in row.items() if "loss" in k and isinstance(v, (int, float))]
-            key = "loss" if "loss" in candidates else (sorted(candidates)[0] if candidates else None)
+            key = "loss" if "loss" in candidates else (min(candidates) if candidates else None)
         if key is None or not isinstance(row.get(key), (int, float)):
             continue
         steps.append(row.get("step", len(steps)))
@@ -118,7 +118,11 @@ def plot_bars(table: dict[str, Any], dataset: str, path: Path) -> Path:
         vals = [table["cells"][e].get(col) for e in encs]
         heights = [c.value * 100 if c else 0.0 for c in vals]
         errs = [(c.std or 0.0) * 100 if c else 0.0 for c in vals]
-        bars = ax.bar(range(len(encs)), heights, yerr=errs, capsize=3, color=COLORS[: len(encs)])
+        bars = ax.bar(range(len(encs)), heights, color=COLORS[: len(encs)])
+        spread = [i for i, c in enumerate(vals) if c and c.std is not None]  # no whisker for single runs
+        if spread:
+            ax.errorbar(spread, [heights[i] for i in spread], yerr=[errs[i] for i in spread], fmt="none",
+                        ecolor="black", capsize=3, lw=1)
         for bar, c, err in zip(bars, vals, errs):
             label = f"{c.value * 100:.1f}" if c else "n/a"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + err), ha="center", va="bottom",
@@ -187,14 +191,14 @@ def plot_losses(runs: list[dict[str, Any]], path: Path) -> Path | None:
 
 def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[str]) -> str:
     lines = ["# MAWS evaluation report", ""]
-    lines += ["Top-1 accuracy (%) on the val split; `mean ± std` is over seeds (sample std), a bare number is "
-              "a single run. Protocols: see docs/eval.md.", ""]
+    lines += [("Top-1 accuracy (%) on the val split; `mean ± std` is over seeds (sample std), a bare number is "
+               "a single run. Protocols: see docs/eval.md."), ""]
     for dataset, t in tables.items():
         info = t["info"]
+        chance = f"; chance = {100.0 / info['num_classes']:.1f}%" if info.get("num_classes") else ""
         lines += [f"## {dataset}", "",
-                  f"{info.get('num_classes')} classes, {info.get('num_train')} train / {info.get('num_val')} val "
-                  f"images ({info.get('dataset_path')}); chance = "
-                  f"{100.0 / info['num_classes']:.1f}%." if info.get("num_classes") else "", ""]
+                  (f"{info.get('num_classes')} classes, {info.get('num_train')} train / {info.get('num_val')} val "
+                   f"images ({info.get('dataset_path')}){chance}."), ""]
         lines.append("| encoder | " + " | ".join(t["columns"]) + " |")
         lines.append("|---|" + "---:|" * len(t["columns"]))
         for enc in t["encoders"]:
@@ -214,12 +218,16 @@ def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[st
         lines.append("")
         if "losses.png" in plots:
             lines += ["![losses.png](losses.png)", ""]
-    lines += ["## Commands", "", "Each number above came from one of these commands:", ""]
+    lines += ["## Commands", "", "Every number above came from one of these commands:", ""]
+    produced: dict[str, list[str]] = {}
     for dataset, t in tables.items():
         for enc in t["encoders"]:
             for col in t["columns"]:
                 if (c := t["cells"][enc].get(col)) and c.command:
-                    lines.append(f"- {dataset} / {enc} / {col}: `{c.command}`")
+                    produced.setdefault(c.command, []).append(f"{dataset}/{enc}/{col}")
+    for command, cells in produced.items():
+        lines += [f"- {len(cells)} cells ({', '.join(sorted({c.split('/')[1] for c in cells}))}):", "",
+                  "  ```", f"  {command}", "  ```", ""]
     lines.append("")
     return "\n".join(lines)
 
