@@ -52,9 +52,17 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up early (a timeout, a pool shutting down) is not news.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 def _serve(folder: str, port_queue) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=folder))
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=folder))
     port_queue.put(server.server_address[1])
     server.serve_forever()
 
