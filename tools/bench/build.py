@@ -178,20 +178,23 @@ def our_kwargs(source: Path, out: Path, args) -> dict:
             "timeout_s": 10.0, "retries": 2}
 
 
-def run_ours(source: Path, out: Path, args, server_pid: int) -> tuple[Timing, float]:
-    """Whole build in a fresh process: its Timing, and the seconds of its image pass.
+def run_ours(source: Path, out: Path, args, server_pid: int) -> tuple[Timing, float, float]:
+    """Whole build in a fresh process: its Timing, and the seconds of its text and image passes.
 
-    The image pass (shards, DALI indexes, skipped.jsonl, manifest) is read from the files' times:
-    it starts when hashtag_map.tsv is written (end of the text pass) and ends with manifest.json.
+    The passes are read from the files' times: the text pass (start-up, reading, hashtags, WordNet,
+    vocabulary) ends when hashtag_map.tsv is written; the image pass (shards, DALI indexes,
+    skipped.jsonl) ends with manifest.json.
     """
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault("NLTK_DATA", str(ROOT.parent / "shared" / "data" / "nltk_data"))
     cmd = [sys.executable, "-c", OUR_DRIVER, json.dumps(our_kwargs(source, out, args))]
+    started = time.time()
     wall, cpu, server = timed(cmd, server_pid=server_pid, env=env, cwd=ROOT)
     manifest = json.loads((out / "manifest.json").read_text())
-    image_pass = (out / "manifest.json").stat().st_mtime - (out / "hashtag_map.tsv").stat().st_mtime
-    return Timing(wall, manifest["counts"]["written"], cpu, server), image_pass
+    text_done = (out / "hashtag_map.tsv").stat().st_mtime
+    image_pass = (out / "manifest.json").stat().st_mtime - text_done
+    return Timing(wall, manifest["counts"]["written"], cpu, server), text_done - started, image_pass
 
 
 # --------------------------------------------------------------------------- images stage only
@@ -233,13 +236,14 @@ def run_images_stage(source: Path, args, server_pid: int) -> Timing:
 # --------------------------------------------------------------------------- main
 
 
-def report(results: dict[str, Timing], image_pass: float | None) -> None:
+def report(results: dict[str, Timing], text_pass: float | None, image_pass: float | None) -> None:
     print(f"{'':>18}  {'images':>6}  {'wall s':>7}  {'images/s':>8}  CPU ms/image (tool + server)")
     for name, t in results.items():
         print(f"{name:>18}  {t.images:6d}  {t.wall_s:7.2f}  {t.per_s:8.1f}  {t.cpu_ms_per_image:6.2f} "
               f"({1000 * t.cpu_s / max(t.images, 1):.2f} + {1000 * t.server_cpu_s / max(t.images, 1):.2f})")
     ours = results.get("maws-data build")
     if ours and image_pass:
+        print(f"{'build text pass':>18}  {'':6}  {text_pass:7.2f}  {'':8}  (start-up, hashtags, WordNet, vocabulary)")
         print(f"{'build image pass':>18}  {ours.images:6d}  {image_pass:7.2f}  {ours.images / image_pass:8.1f}"
               "  (hashtag_map.tsv -> manifest.json)")
     base = results.get("img2dataset")
@@ -277,7 +281,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="maws-bench-build-"))
     server, base_url = start_server(args.data)
     results: dict[str, Timing] = {}
-    image_pass = None
+    text_pass = image_pass = None
     try:
         urls, source, n = make_inputs(args.data, base_url, args.repeat, work)
         warm_urls, warm_source, _ = make_inputs(args.data, base_url, 1, work / "warm", limit=100)
@@ -288,14 +292,14 @@ def main() -> None:
             results["img2dataset"] = run_img2dataset(urls, work / "i2d", args, server.pid)
         if not args.skip_ours:
             run_ours(warm_source, work / "ours-warm", args, server.pid)
-            results["maws-data build"], image_pass = run_ours(source, work / "ours", args, server.pid)
+            results["maws-data build"], text_pass, image_pass = run_ours(source, work / "ours", args, server.pid)
         if args.images_stage:
             results["images stage only"] = run_images_stage(source, args, server.pid)
     finally:
         server.kill()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    report(results, image_pass)
+    report(results, text_pass, image_pass)
 
 
 if __name__ == "__main__":
