@@ -1,6 +1,7 @@
 """maws_data.images on real Instagram photos, hand-made bad files, and a local HTTP server."""
 
 import io
+import pickle
 import struct
 import threading
 import time
@@ -300,6 +301,14 @@ def test_transparent_png_onto_white():
 
 
 # ----------------------------------------------------------------------------- DALI
+
+
+def test_skip_sample_pickles_and_config_checks():
+    e = pickle.loads(pickle.dumps(SkipSample("too_large", "9x9 > cap")))
+    assert (type(e), e.reason, e.detail, str(e)) == (SkipSample, "too_large", "9x9 > cap", "too_large: 9x9 > cap")
+    for bad in ({"image_size": 0}, {"jpeg_quality": 101}, {"retries": -1}, {"timeout_s": 0}, {"decoder": "gpu"}):
+        with pytest.raises(ValueError):
+            ImageConfig(**bad)
 
 
 def test_choose_decoder():

@@ -12,7 +12,7 @@ Every failure is a `SkipSample` with a short stable `.reason` (counted in the bu
 human `.detail`. Reasons:
   null_image       the image reference is null/empty
   missing_path     local file does not exist (or is not a file)
-  download_failed  HTTP error status, connection error or timeout, after the retries
+  download_failed  HTTP error status, connection error or timeout (after the retries), redirect loop
   too_large        body over `max_download_bytes`, or more than `max_pixels` pixels (decompression bomb)
   empty            zero bytes
   not_image        not a format Pillow can identify (e.g. a text file named .jpg)
@@ -73,8 +73,20 @@ class ImageConfig:
     max_pixels: int = 89_478_485  # decompression-bomb cap (Pillow's default MAX_IMAGE_PIXELS)
     max_download_bytes: int = 20 * MiB  # cap on one image's encoded size (downloads and local files)
     timeout_s: float = 10.0  # per download attempt: connect + the whole body
-    retries: int = 2  # extra attempts after a connection error, timeout or 5xx (not after 4xx)
+    retries: int = 2  # extra attempts after a connection error, timeout, 5xx, 408 or 429 (not other 4xx)
     decoder: Literal["auto", "pil", "dali"] = "auto"
+
+    def __post_init__(self):
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.max_pixels < 1 or self.max_download_bytes < 1:
+            raise ValueError("max_pixels and max_download_bytes must be >= 1")
+        if self.timeout_s <= 0 or self.retries < 0:
+            raise ValueError(f"timeout_s must be > 0 and retries >= 0, got {self.timeout_s}, {self.retries}")
+        if self.decoder not in ("auto", "pil", "dali"):
+            raise ValueError(f"decoder must be 'auto', 'pil' or 'dali', got {self.decoder!r}")
 
 
 # ---------------------------------------------------------------------------------------------
