@@ -7,7 +7,6 @@ the per-rank batch and the learning rate are derived (`lr = base_lr * batch_size
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -119,7 +118,7 @@ def _coerce(raw: str, tp: Any, key: str) -> Any:
         raise ValueError(f"--set {key}={raw}: expected true/false")
     if tp in (int, float):
         try:
-            return tp(json.loads(raw)) if tp is float else int(raw)
+            return float(raw) if tp is float else int(raw)  # float() also takes "inf" / "nan"
         except ValueError:
             raise ValueError(f"--set {key}={raw}: expected {tp.__name__}") from None
     return raw

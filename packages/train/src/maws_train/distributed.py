@@ -95,6 +95,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_finite(model: nn.Module) -> bool:
+    """True when every parameter (every rank's shard, under FSDP2) is finite; agreed across ranks."""
+    bad = sum(int(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())
+              for p in model.parameters())
+    return all_reduce_sum(torch.tensor([bad], dtype=torch.int64)).item() == 0
+
+
 def gather_objects(obj: Any, d: Dist) -> list[Any]:
     """Every rank's `obj` (JSON-able), in rank order, on every rank."""
     if d.world_size == 1:

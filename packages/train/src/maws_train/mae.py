@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from maws_train import checkpoint, distributed
 from maws_train.config import MAEConfig, peak_lr, to_dict
-from maws_train.metrics import MetricWriter, check_finite, write_config
+from maws_train.metrics import MetricWriter, NonFiniteLossError, check_finite, write_config
 from maws_train.models import MaskedAutoencoder, build_encoder
 from maws_train.optim import build_optimizer, lr_at
 from maws_train.resume import endless, find_resume_point, step_seed
@@ -99,6 +99,10 @@ def run(cfg: MAEConfig) -> Path:
     metrics = MetricWriter(out, enabled=d.is_main, resume_step=start_step)
 
     def save(step: int) -> Path:
+        # A finite loss can still be followed by an update that overflows; never checkpoint such weights.
+        if not distributed.all_finite(raw):
+            raise NonFiniteLossError(f"parameters became non-finite after step {step} in {out}; stopping "
+                                     f"(last good checkpoint: {last_ckpt or 'none written yet'})")
         loader_states = distributed.gather_objects(loader.state_dict(), d)
         model_sd, optim_sd = distributed.model_state(raw), distributed.optimizer_state(raw, optimizer)
         path = out / "ckpt" / f"step_{step:06d}"

@@ -157,8 +157,8 @@ class MaskedAutoencoder(nn.Module):
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]
+        # Drop the cls token before the prediction (per-token ops, so same values; the result is not a view).
+        return self.decoder_pred(self.decoder_norm(x[:, 1:, :]))
 
     def forward_loss(self, imgs_NCHW: torch.Tensor, pred_NLP: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
         """Mean over masked patches of the per-patch MSE; targets normalised per patch if norm_pix_loss."""

@@ -1,0 +1,189 @@
+"""The MAE and WSP loops end to end on the tiny real build (conftest `tiny_build`: 60 Instagram images, 64 px).
+
+The mu preset is a 2-block ViT at 32 px, 16 images per step: each in-process run takes a second or two;
+the subprocess tests (SIGKILL + resume, 2-process gloo) pay mostly for Python/torch start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from maws_train import mae, wsp
+from maws_train.checkpoint import CheckpointError, export_encoder, list_states, load_encoder
+from maws_train.config import override
+from maws_train.metrics import NonFiniteLossError
+from maws_train.models import build_encoder
+from maws_train.presets import get_preset
+from maws_train.config import MAEConfig, WSPConfig
+from safetensors.torch import load_file
+
+MAE_SETS = ["run.steps=30", "run.ckpt_every=10", "run.log_every=5"]
+
+
+def mae_cfg(build: Path, out: Path, *sets: str) -> MAEConfig:
+    return override(get_preset("mu_mae", kind=MAEConfig), [f"data.shards={build}", f"run.out={out}", *MAE_SETS, *sets])
+
+
+def wsp_cfg(build: Path, out: Path, *sets: str) -> WSPConfig:
+    return override(get_preset("mu_wsp", kind=WSPConfig), [f"data.shards={build}", f"run.out={out}", *MAE_SETS, *sets])
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "maws_train.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def mae_run(tiny_build, tmp_path_factory) -> Path:
+    """An uninterrupted 30-step MAE run (checkpoints at 10, 20, 30)."""
+    return mae.run(mae_cfg(tiny_build, tmp_path_factory.mktemp("mae") / "run"))
+
+
+def test_mae_loss_falls_and_the_run_is_recorded(mae_run):
+    curve = losses(mae_run)
+    assert sorted(curve) == [5, 10, 15, 20, 25, 30]
+    assert curve[30] < 0.9 * curve[5], curve
+    config = json.loads((mae_run / "config.json").read_text())
+    assert config["kind"] == "mae" and config["derived"]["num_visible"] == 4 and config["derived"]["num_patches"] == 16
+    assert config["run"]["steps"] == 30 and config["optim"]["beta2"] == 0.95
+    assert [d.name for d in list_states(mae_run)] == ["step_000020", "step_000030"]  # keep_ckpts=2
+
+
+def test_mae_export_is_the_trained_encoder_and_timm_loads_it(mae_run):
+    import timm
+
+    info = json.loads((mae_run / "encoder.json").read_text())
+    model = timm.create_model(info["timm_name"], **info["kwargs"], num_classes=0,
+                              checkpoint_path=str(mae_run / "encoder.safetensors"))
+    final = load_file(str(mae_run / "ckpt" / "step_000030" / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, final[f"encoder.{key}"]), key
+    encoder, _ = load_encoder(mae_run)
+    assert torch.equal(encoder.pos_embed, final["encoder.pos_embed"])
+
+
+def test_sigkilled_mae_run_resumes_to_the_same_weights(mae_run, tiny_build, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli("mae", "mu_mae", "--shards", str(tiny_build), "--out", str(out),
+                                *[a for s in MAE_SETS for a in ("--set", s)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "ckpt" / "step_000010" / "state.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert not (out / "encoder.safetensors").exists()
+    killed_at = int(list_states(out)[-1].name.split("_")[1])
+    assert killed_at in (10, 20)
+
+    mae.run(mae_cfg(tiny_build, out))  # resume="auto": continues from the newest checkpoint
+    resumed, reference = load_file(str(out / "encoder.safetensors")), load_file(str(mae_run / "encoder.safetensors"))
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    optim_a = load_file(str(out / "ckpt" / "step_000030" / "optim.safetensors"))
+    optim_b = load_file(str(mae_run / "ckpt" / "step_000030" / "optim.safetensors"))
+    assert all(torch.equal(optim_a[k], optim_b[k]) for k in optim_b)
+    assert losses(out) == losses(mae_run)  # same loss at every logged step, no duplicated lines
+
+
+def test_wsp_init_copies_the_mae_encoder_and_loss_falls(mae_run, tiny_build, tmp_path):
+    encoder = build_encoder("mu", img_size=32)
+    report = wsp.init_from(encoder, str(mae_run))
+    exported = load_file(str(mae_run / "encoder.safetensors"))
+    assert sorted(report["loaded"]) == sorted(exported) and report["missing"] == []
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in exported.items())
+    # From a training checkpoint the decoder is dropped and reported.
+    step_dir = mae_run / "ckpt" / "step_000030"
+    report = wsp.init_from(build_encoder("mu", img_size=32), str(step_dir))
+    assert any(k.startswith("decoder") for k in report["dropped"]) and "mask_token" in report["dropped"]
+
+    out = wsp.run(wsp_cfg(tiny_build, tmp_path / "wsp", "run.steps=40", "run.ckpt_every=40", f"init={mae_run}"))
+    config = json.loads((out / "config.json").read_text())
+    vocab_rows = len((tiny_build / "vocabulary.tsv").read_text().splitlines()) - 1
+    assert config["derived"]["num_classes"] == vocab_rows
+    assert config["derived"]["init"]["loaded"] == len(exported)
+    head = load_file(str(out / "ckpt" / "step_000040" / "model.safetensors"))["head.weight"]
+    assert head.shape == (vocab_rows, 64)
+    curve = losses(out)
+    first, last = curve[5], (curve[35] + curve[40]) / 2
+    assert last < 0.95 * first, curve
+
+
+@pytest.mark.parametrize("problem", ["missing", "junk", "wrong_architecture"])
+def test_bad_wsp_init_is_a_clear_error_and_writes_nothing(tiny_build, tmp_path, problem):
+    out = tmp_path / "wsp"
+    if problem == "missing":
+        init, match = tmp_path / "no_such_run", "not found"
+    elif problem == "junk":
+        init, match = tmp_path / "junk.pth", "not a readable checkpoint"
+        init.write_bytes(b"hello, not a checkpoint")
+    else:
+        export_encoder(build_encoder("mu", img_size=32, embed_dim=128), tmp_path / "other", variant="mu", img_size=32)
+        init, match = tmp_path / "other", "does not match the model architecture"
+    with pytest.raises(CheckpointError, match=match):
+        wsp.run(wsp_cfg(tiny_build, out, f"init={init}"))
+    assert not out.exists()
+    # The CLI turns it into one red line and exit code 2, still writing nothing.
+    from maws_train.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["wsp", "mu_wsp", "--shards", str(tiny_build), "--out", str(out),
+                                      "--init", str(init)])
+    assert result.exit_code == 2 and match in result.output and not out.exists()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_build, tmp_path):
+    out = tmp_path / "nan"
+    mae.run(mae_cfg(tiny_build, out, "run.steps=4", "run.ckpt_every=2"))
+    good = load_file(str(out / "ckpt" / "step_000004" / "model.safetensors"))
+    # Continue the run with an infinite learning rate: the first update overflows the weights.
+    with pytest.raises(NonFiniteLossError, match=r"step 5 .*last good checkpoint: .*step_000004"):
+        mae.run(mae_cfg(tiny_build, out, "run.steps=8", "run.ckpt_every=2", "optim.base_lr=inf", "optim.warmup_frac=0"))
+    assert list_states(out)[-1].name == "step_000004"
+    kept = load_file(str(out / "ckpt" / "step_000004" / "model.safetensors"))
+    assert all(torch.equal(kept[k], good[k]) for k in good)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, parallel):
+    sets = ["run.steps=4", "run.log_every=1", "run.ckpt_every=4", f"run.parallel={parallel}"]
+    single = mae.run(mae_cfg(tiny_build, tmp_path / "one", *sets))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "maws_train.cli", "mae", "mu_mae", "--shards", str(tiny_build), "--out", str(tmp_path / "two"),
+           *[a for s in MAE_SETS + sets for a in ("--set", s)]]
+    # Own session, so that a timeout takes the launcher's worker processes down with it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["derived"]["world_size"] == 2 and config["derived"]["local_batch"] == 8
+    one, two = losses(single), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5 * abs(one[step]), (step, one[step], two[step])
+    a, b = load_file(str(single / "encoder.safetensors")), load_file(str(tmp_path / "two" / "encoder.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
