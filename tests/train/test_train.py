@@ -187,3 +187,14 @@ def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, parallel):
     a, b = load_file(str(single / "encoder.safetensors")), load_file(str(tmp_path / "two" / "encoder.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+@pytest.mark.gpu
+def test_bf16_compiled_cuda_run_tracks_fp32(tiny_build, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sets = ["run.steps=10", "run.log_every=1", "run.ckpt_every=10"]
+    fp32 = losses(mae.run(mae_cfg(tiny_build, tmp_path / "fp32", *sets, "run.precision=fp32")))
+    bf16 = losses(mae.run(mae_cfg(tiny_build, tmp_path / "bf16", *sets, "run.precision=bf16", "run.compile=true")))
+    assert abs(bf16[1] - fp32[1]) < 0.02 * fp32[1]
+    assert bf16[10] < bf16[1]
