@@ -141,7 +141,7 @@ def test_no_weight_decay_on_norms_biases_pos_embeds_tokens_and_frozen_params_lef
 
 
 def test_lr_warms_up_linearly_per_step_then_follows_a_cosine():
-    kw = dict(peak=1.0, total_steps=110, warmup_steps=10, min_lr=0.1)
+    kw = {"peak": 1.0, "total_steps": 110, "warmup_steps": 10, "min_lr": 0.1}
     assert [lr_at(s, **kw) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert lr_at(10, **kw) == 1.0
     assert math.isclose(lr_at(60, **kw), 0.1 + 0.9 * 0.5)
@@ -160,3 +160,17 @@ def test_set_overrides_are_typed_and_reject_unknown_fields():
         override(cfg, ["data.backend=magic"])
     with pytest.raises(ValueError, match="multiple of patch size"):
         override(cfg, ["model.img_size=30"])
+
+
+def test_our_mae_equals_the_reference_formulation_used_by_the_bench():
+    import importlib.util
+    from pathlib import Path
+
+    bench_path = Path(__file__).resolve().parents[2] / "tools" / "bench" / "train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", bench_path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mae = _mae()
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    loss, _, _ = mae(imgs, noise)
+    assert torch.allclose(loss, bench.reference_mae_loss(mae, imgs, noise), rtol=1e-6, atol=1e-7)

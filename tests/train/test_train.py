@@ -18,11 +18,10 @@ import pytest
 import torch
 from maws_train import mae, wsp
 from maws_train.checkpoint import CheckpointError, export_encoder, list_states, load_encoder
-from maws_train.config import override
+from maws_train.config import MAEConfig, WSPConfig, override
 from maws_train.metrics import NonFiniteLossError
 from maws_train.models import build_encoder
 from maws_train.presets import get_preset
-from maws_train.config import MAEConfig, WSPConfig
 from safetensors.torch import load_file
 
 MAE_SETS = ["run.steps=30", "run.ckpt_every=10", "run.log_every=5"]

@@ -26,11 +26,10 @@ import argparse
 import time
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from maws_train.models import Classifier, MaskedAutoencoder, build_encoder, get_variant
 from maws_train.optim import param_groups
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 H100_H200_BF16_DENSE_TFLOPS = 989.0
 
@@ -112,14 +111,10 @@ def make_step(name: str, *, variant: str, img: int, classes: int, device: torch.
     module = module.to(device)
     opt = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-4, betas=(0.9, 0.95),
                             fused=device.type == "cuda" or None)
-    if name == "mae":
-        fwd = module
-    elif name == "mae_ref":
-        fwd = lambda x, noise: reference_mae_loss(mae, x, noise)  # noqa: E731
-    elif name == "mae_full":
-        fwd = module
-    else:
-        fwd = module
+    fwd = module
+    if name == "mae_ref":
+        def fwd(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return reference_mae_loss(mae, x, noise)
     if compile and device.type == "cuda" and name != "mae_ref":  # the reference stays eager
         fwd = torch.compile(fwd)
     targets = torch.zeros(1, classes, device=device)

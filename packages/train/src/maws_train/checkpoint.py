@@ -93,7 +93,7 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
             obj: Any = load_file(str(p), device="cpu")
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's unpickler raises arbitrary types (KeyError, UnpicklingError, ...) on junk
+    except Exception as e:  # noqa: BLE001 - torch's unpickler raises arbitrary types (KeyError, UnpicklingError, ...) on junk
         raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state"):
@@ -142,7 +142,7 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int]:
             "blocks.0.mlp.fc1.weight"
         ) from None
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    grid = int(round((tokens - 1) ** 0.5))
+    grid = round((tokens - 1) ** 0.5)
     if grid * grid != tokens - 1:
         raise CheckpointError(f"pos_embed has {tokens} tokens; expected 1 cls + a square patch grid")
     for name, v in VARIANTS.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,9 +23,9 @@ from maws_train.presets import PRESETS, get_preset
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MAWS training: MAE pre-pretraining and WSP.")
 
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a config field: section.field=value (repeatable)")]
-ShardsOpt = Annotated[Optional[str], typer.Option(help="maws-data build directory (= --set data.shards=...)")]
-OutOpt = Annotated[Optional[str], typer.Option(help="run directory (= --set run.out=...)")]
-ResumeOpt = Annotated[Optional[str], typer.Option(help="'auto' (default), 'never', or a checkpoint/run dir")]
+ShardsOpt = Annotated[str | None, typer.Option(help="maws-data build directory (= --set data.shards=...)")]
+OutOpt = Annotated[str | None, typer.Option(help="run directory (= --set run.out=...)")]
+ResumeOpt = Annotated[str | None, typer.Option(help="'auto' (default), 'never', or a checkpoint/run dir")]
 
 
 def _build(preset: str, kind: type, *, shards: str | None, out: str | None, resume: str | None, sets: list[str]):
@@ -73,7 +73,7 @@ def wsp(
     preset: Annotated[str, typer.Argument(help="a WSP preset (see `maws-train presets`)")],
     shards: ShardsOpt = None,
     out: OutOpt = None,
-    init: Annotated[Optional[str], typer.Option(help="MAE run dir / encoder.safetensors to start from")] = None,
+    init: Annotated[str | None, typer.Option(help="MAE run dir / encoder.safetensors to start from")] = None,
     resume: ResumeOpt = None,
     set_: SetOpt = [],  # noqa: B006
 ) -> None:
@@ -91,7 +91,7 @@ def wsp(
 
 
 @app.command()
-def presets(name: Annotated[Optional[str], typer.Argument(help="print this preset's full config")] = None) -> None:
+def presets(name: Annotated[str | None, typer.Argument(help="print this preset's full config")] = None) -> None:
     """List presets, or print one as JSON."""
     if name is not None:
         try:

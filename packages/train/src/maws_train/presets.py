@@ -47,9 +47,8 @@ def _mu_wsp() -> WSPConfig:
 
 
 def _paper_mae(variant: str, *, fsdp: bool) -> MAEConfig:
-    patch = 14 if variant.endswith("14") else 16
     return MAEConfig(
-        model=ModelConfig(variant=variant, img_size=224 if patch == 16 else 224),
+        model=ModelConfig(variant=variant, img_size=224),
         run=RunConfig(out=f"runs/{variant}_mae", compile=True, parallel="fsdp" if fsdp else "ddp"),
     )
 

@@ -7,8 +7,8 @@ and `export_encoder` can save `model.encoder` as is.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 
 class Classifier(nn.Module):

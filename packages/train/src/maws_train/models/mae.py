@@ -12,8 +12,8 @@ of uniform noise, keep the first K) -> prepend cls -> encoder blocks on K+1 toke
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int, *, cls_token: bool) -> torch.Tensor:

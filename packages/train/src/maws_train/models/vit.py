@@ -63,15 +63,15 @@ def encoder_kwargs(variant: str, *, img_size: int = 224, **overrides: Any) -> di
     v = get_variant(variant)
     if img_size % v.patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of the {variant} patch size {v.patch_size}")
-    kwargs: dict[str, Any] = dict(
-        img_size=img_size,
-        patch_size=v.patch_size,
-        embed_dim=v.embed_dim,
-        depth=v.depth,
-        num_heads=v.num_heads,
-        mlp_ratio=v.mlp_ratio,
-        global_pool="token",
-    )
+    kwargs: dict[str, Any] = {
+        "img_size": img_size,
+        "patch_size": v.patch_size,
+        "embed_dim": v.embed_dim,
+        "depth": v.depth,
+        "num_heads": v.num_heads,
+        "mlp_ratio": v.mlp_ratio,
+        "global_pool": "token",
+    }
     kwargs.update(overrides)
     return kwargs
 
