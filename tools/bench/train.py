@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--variant", default="b16")
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--batch", type=int, default=0, help="per step (default: 4 on CPU, 256 on GPU)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (best one reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--compile", action="store_true")
@@ -176,12 +176,15 @@ def main() -> None:
             step(x, noise, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        # Best of N single-step times: on a shared machine the minimum is the least disturbed measurement.
+        times = []
         for _ in range(args.steps):
+            t0 = time.perf_counter()
             step(x, noise, autocast)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / args.steps
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        dt = min(times)
         achieved = flops / dt
         results[name] = batch / dt
         mfu = f"{100 * achieved / (peak * 1e12):5.1f}%" if peak else "  n/a"

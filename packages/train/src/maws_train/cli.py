@@ -63,7 +63,7 @@ def mae(
     try:
         cfg = _build(preset, MAEConfig, shards=shards, out=out, resume=resume, sets=set_)
         path = mae_loop.run(cfg)
-    except (KeyError, ValueError, FileNotFoundError, NonFiniteLossError) as e:
+    except (KeyError, ValueError, FileNotFoundError, NonFiniteLossError, CheckpointError) as e:
         _fail(e)
     typer.echo(str(path))
 
