@@ -97,3 +97,38 @@ def test_evaluate_writes_one_result_per_number(encoder_dir, tmp_path):
     assert fs["shots"] == 2 and fs["seeds"] == [0, 1] and len(fs["values"]) == 2
     with pytest.raises(ValueError, match="unknown protocol"):
         evaluate([enc], IMAGENETTE, protocols=("linaer",), out_dir=tmp_path)
+
+
+def test_shards_as_eval_data(encoder_dir, tmp_path):
+    """A `maws-data build` is an eval set: labeled samples only, val by key hash, classes = vocabulary."""
+    captions = SHARED / "instagram" / "captions.parquet"
+    if not captions.is_file() or not (SHARED / "nltk_data").is_dir():
+        pytest.skip(f"real data absent: {captions}")
+    import os
+    import subprocess
+    import sys
+
+    import polars as pl
+
+    rows = pl.read_parquet(captions).sample(n=80, seed=0)
+    rows = rows.with_columns((pl.lit(str(captions.parent) + "/") + pl.col("image")).alias("image"))
+    rows.write_parquet(tmp_path / "c.parquet")
+    env = {**os.environ, "NLTK_DATA": str(SHARED / "nltk_data")}
+    subprocess.run([str(Path(sys.executable).parent / "maws-data"), "build", "--source", str(tmp_path / "c.parquet"),
+                    "--out", str(tmp_path / "b"), "--image-size", "40", "--min-count", "3", "--processes", "1",
+                    "--no-progress"], check=True, env=env)
+    ds = open_dataset(tmp_path / "b", DataConfig(val_fraction=0.3))
+    vocab_rows = (tmp_path / "b" / "vocabulary.tsv").read_text().splitlines()[1:]
+    assert ds.classes == tuple(r.split("\t")[1] for r in vocab_rows)
+    n_train, n_val = len(ds.train.items), len(ds.val.items)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert n_train > n_val > 0
+    assert n_train + n_val == sum(s["labeled"] for s in manifest["shards"])
+    assert ds.skipped.get("unlabeled", 0) == sum(s["samples"] - s["labeled"] for s in manifest["shards"])
+    assert {r for r, _ in ds.train.items}.isdisjoint(r for r, _ in ds.val.items)
+    again = open_dataset(tmp_path / "b", DataConfig(val_fraction=0.3))
+    assert again.val.items == ds.val.items and again.val.fingerprint() == ds.val.fingerprint()
+    paths = evaluate([parse_encoder(str(encoder_dir))], tmp_path / "b", protocols=("knn",), out_dir=tmp_path / "r",
+                     data_cfg=DataConfig(val_fraction=0.3), cache_dir=tmp_path / "cache", command="t")
+    rec = json.loads(paths[0].read_text())
+    assert rec["num_val"] == n_val and rec["num_classes"] == len(ds.classes) and 0 <= rec["value"] <= 1

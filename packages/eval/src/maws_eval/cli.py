@@ -23,7 +23,10 @@ from maws_eval.config import PROTOCOLS, DataConfig, override
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MAWS evaluation and report.")
 
 EncodersArg = Annotated[list[str], typer.Argument(help="encoders: NAME=PATH or PATH (run dir or checkpoint file)")]
-DataOpt = Annotated[Path, typer.Option("--data", help="eval dataset: ImageFolder tree with train/ and val/")]
+DataOpt = Annotated[Path, typer.Option("--data", help="eval dataset: ImageFolder tree (train/, val/) or a "
+                                                      "maws-data build dir (labeled shards)")]
+ValOpt = Annotated[Path | None, typer.Option("--val-data", help="shards only: a second build as val "
+                                                                   "(default: data.val_fraction of --data by key hash)")]
 OutOpt = Annotated[Path, typer.Option("--out", help="directory for the result JSON files")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="feature cache (default: OUT/../feature-cache)")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="always re-extract features")]
@@ -50,7 +53,7 @@ def _configs(sets: list[str]):
 
 
 def _run(protocols: list[str], encoders: list[str], data: Path, out: Path, cache_dir: Path | None, no_cache: bool,
-         sets: list[str], dataset_name: str | None) -> None:
+         sets: list[str], dataset_name: str | None, val_data: Path | None) -> None:
     # imported here so `maws-eval report` does not pay for torch/timm/maws_train imports
     from maws_eval.evaluate import evaluate, parse_encoder
 
@@ -59,7 +62,7 @@ def _run(protocols: list[str], encoders: list[str], data: Path, out: Path, cache
         refs = [parse_encoder(e) for e in encoders]
         cache = None if no_cache else (cache_dir or out.parent / "feature-cache")
         paths = evaluate(refs, data, protocols=protocols, out_dir=out, configs=configs, data_cfg=data_cfg,
-                         cache_dir=cache, dataset_id=dataset_name)
+                         cache_dir=cache, dataset_id=dataset_name, val_dataset=val_data)
     except (ValueError, FileNotFoundError, KeyError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
@@ -69,8 +72,9 @@ def _run(protocols: list[str], encoders: list[str], data: Path, out: Path, cache
 
 def _protocol_command(name: str):
     def command(encoders: EncodersArg, data: DataOpt, out: OutOpt, cache_dir: CacheOpt = None,
-                no_cache: NoCacheOpt = False, set_: SetOpt = [], dataset_name: NameOpt = None) -> None:  # noqa: B006
-        _run([name], encoders, data, out, cache_dir, no_cache, set_, dataset_name)
+                no_cache: NoCacheOpt = False, set_: SetOpt = [], dataset_name: NameOpt = None,  # noqa: B006
+                val_data: ValOpt = None) -> None:
+        _run([name], encoders, data, out, cache_dir, no_cache, set_, dataset_name, val_data)
 
     command.__doc__ = {
         "linear": "Linear probe: logistic regression on frozen features, L2 chosen on a train holdout.",
@@ -89,10 +93,10 @@ for _name in PROTOCOLS:
 def all_(encoders: EncodersArg, data: DataOpt, out: OutOpt,
          protocols: Annotated[str, typer.Option(help="comma-separated protocols")] = ",".join(PROTOCOLS),
          cache_dir: CacheOpt = None, no_cache: NoCacheOpt = False, set_: SetOpt = [],  # noqa: B006
-         dataset_name: NameOpt = None) -> None:
+         dataset_name: NameOpt = None, val_data: ValOpt = None) -> None:
     """Several protocols in one go (features extracted once per encoder)."""
     _run([p.strip() for p in protocols.split(",") if p.strip()], encoders, data, out, cache_dir, no_cache, set_,
-         dataset_name)
+         dataset_name, val_data)
 
 
 @app.command()

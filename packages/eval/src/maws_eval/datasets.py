@@ -5,17 +5,22 @@ Classes are the sorted folder names of train/ (val must not add classes); files 
 same tree always yields the same (path, label) list. `max_*_per_class` takes a seeded per-class
 subsample (tiny presets); the fingerprint of the chosen list keys the feature cache.
 
-Shards (a `maws-data build` output dir with manifest.json): labeled samples only, classes from
-vocabulary.tsv; val is a second build (`val_path`) or a deterministic `val_fraction` of samples
-chosen by a hash of the sample key.
+Shards (a `maws-data build` output dir with manifest.json): labeled samples only (first label,
+the `.cls` member), classes = vocabulary.tsv's wnids; val is a second build (`val_path`) or a
+deterministic `val_fraction` of samples chosen by a hash of the sample key. Images are read by
+byte range from the tars, through the same eval transform as ImageFolder images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import random
+import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +52,48 @@ class ImageFolderSplit:
             h.update(f"{rel}\t{label}\t{(self.root / rel).stat().st_size}\n".encode())
         return h.hexdigest()
 
+    def open_image(self, i: int) -> Image.Image:
+        path = self.root / self.items[i][0]
+        try:
+            im = Image.open(path)
+            im.load()
+            return im
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot decode image ({e})") from e
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """Labeled samples of `maws-data build` shards, read by byte range (a WebDataset tar is a plain tar).
+
+    Item refs are "shards/shard-000000.tar:OFFSET:SIZE:KEY" (the sample's .jpg member); the label is
+    the sample's `.cls` (its first label in vocabulary order).
+    """
+
+    root: Path
+    items: tuple[tuple[str, int], ...]
+    shard_sha256: tuple[tuple[str, str], ...] = ()  # (tar, sha256 from its stats json)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for tar, sha in self.shard_sha256:
+            h.update(f"{tar}\t{sha}\n".encode())
+        for ref, label in self.items:
+            h.update(f"{ref}\t{label}\n".encode())
+        return h.hexdigest()
+
+    def open_image(self, i: int) -> Image.Image:
+        tar, offset, size, key = self.items[i][0].split(":", 3)
+        with open(self.root / tar, "rb") as f:
+            f.seek(int(offset))
+            data = f.read(int(size))
+        try:
+            im = Image.open(io.BytesIO(data))
+            im.load()
+            return im
+        except OSError as e:
+            raise DatasetError(f"{self.root / tar}: sample {key}: cannot decode its .jpg ({e})") from e
+
 
 def eval_preprocessing(image_size: int) -> str:
     """Human-readable description of the eval transform; part of the feature-cache key."""
@@ -55,20 +102,15 @@ def eval_preprocessing(image_size: int) -> str:
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, split: ImageFolderSplit, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, split: ImageFolderSplit | ShardSplit, transform: Callable[[Image.Image], torch.Tensor]):
         self.split, self.transform = split, transform
 
     def __len__(self) -> int:
         return len(self.split.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        rel, label = self.split.items[i]
-        path = self.split.root / rel
-        try:
-            with Image.open(path) as im:
-                return self.transform(im.convert("RGB")), label
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot decode image ({e})") from e
+        with self.split.open_image(i) as im:
+            return self.transform(im.convert("RGB")), self.split.items[i][1]
 
 
 @dataclass(frozen=True)
@@ -78,10 +120,11 @@ class EvalDataset:
     id: str
     path: str
     classes: tuple[str, ...]
-    train: ImageFolderSplit
-    val: ImageFolderSplit
+    train: ImageFolderSplit | ShardSplit
+    val: ImageFolderSplit | ShardSplit
+    skipped: dict[str, int] = field(default_factory=dict)  # shards: samples left out, by reason
 
-    def split(self, name: Split) -> ImageFolderSplit:
+    def split(self, name: Split) -> ImageFolderSplit | ShardSplit:
         return self.train if name == "train" else self.val
 
     def torch_dataset(self, name: Split, transform: Callable[[Image.Image], torch.Tensor]) -> torch.utils.data.Dataset:
@@ -142,16 +185,96 @@ def open_image_folder(root: Path, cfg: DataConfig | None = None, *, dataset_id: 
     return EvalDataset(id=dataset_id or root.name, path=str(root), classes=tuple(classes), train=train, val=val)
 
 
-def open_dataset(path: Path, cfg: DataConfig | None = None, *, dataset_id: str | None = None) -> EvalDataset:
-    """Open an eval dataset by path (ImageFolder tree with train/ and val/)."""
+def _shard_samples(build: Path, skipped: Counter) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
+    """[(key, ref, label)] of labeled samples in committed shards (stats .json present), and shard hashes."""
+    shard_dir = build / "shards"
+    samples, hashes = [], []
+    for tar_path in sorted(shard_dir.glob("shard-*.tar")):
+        stats_path = tar_path.with_suffix(".json")
+        if not stats_path.is_file():
+            skipped["uncommitted_shard"] += 1  # being written, or the build was interrupted
+            continue
+        hashes.append((tar_path.name, json.loads(stats_path.read_text()).get("sha256", "")))
+        jpg: dict[str, tuple[int, int]] = {}
+        cls: dict[str, int] = {}
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                if ext == "jpg":
+                    jpg[key] = (m.offset_data, m.size)
+                elif ext == "cls":
+                    cls[key] = int(tar.extractfile(m).read().decode().strip())  # type: ignore[union-attr]
+        for key, (offset, size) in jpg.items():
+            label = cls.get(key, -1)
+            if label < 0:
+                skipped["unlabeled"] += 1
+                continue
+            samples.append((key, f"shards/{tar_path.name}:{offset}:{size}:{key}", label))
+    if not hashes:
+        raise DatasetError(f"{shard_dir}: no committed shards (shard-*.tar with its .json stats)")
+    return samples, hashes
+
+
+def _in_val(key: str, fraction: float) -> bool:
+    """Deterministic split by key hash: the same sample is always on the same side."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def _limit_per_class(samples: list[tuple[str, str, int]], limit: int, seed: int) -> tuple[tuple[str, int], ...]:
+    by_class: dict[int, list[tuple[str, str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[2], []).append(s)
+    keep = []
+    for label in sorted(by_class):
+        rows = sorted(by_class[label])
+        if 0 < limit < len(rows):
+            rows = sorted(random.Random(f"{seed}:{label}").sample(rows, limit))
+        keep.extend((ref, lab) for _, ref, lab in rows)
+    return tuple(keep)
+
+
+def open_shards(build: Path, cfg: DataConfig | None = None, *, val_build: Path | None = None,
+                dataset_id: str | None = None) -> EvalDataset:
+    """Labeled shards of a `maws-data build` as an eval set; classes are vocabulary.tsv's wnids.
+
+    Val is `val_build` (a second build with the same vocabulary) or a `val_fraction` of the samples by
+    key hash. Unlabeled samples are left out and counted in `skipped`.
+    """
+    from maws_data.vocab import Vocabulary
+
+    cfg = cfg or DataConfig()
+    build = Path(build).resolve()
+    vocab = Vocabulary.load(build)
+    skipped: Counter = Counter()
+    samples, hashes = _shard_samples(build, skipped)
+    if val_build is not None:
+        val_build = Path(val_build).resolve()
+        if Vocabulary.load(val_build).wnids != vocab.wnids:
+            raise DatasetError(f"{val_build}/vocabulary.tsv differs from {build}/vocabulary.tsv: labels would not match")
+        train_s, (val_s, val_hashes) = samples, _shard_samples(val_build, skipped)
+        val_root = val_build
+    else:
+        train_s = [s for s in samples if not _in_val(s[0], cfg.val_fraction)]
+        val_s, val_hashes, val_root = [s for s in samples if _in_val(s[0], cfg.val_fraction)], hashes, build
+    if not train_s or not val_s:
+        raise DatasetError(f"{build}: {len(train_s)} labeled train / {len(val_s)} val samples; need both")
+    train = ShardSplit(build, _limit_per_class(train_s, cfg.max_train_per_class, cfg.subsample_seed), tuple(hashes))
+    val = ShardSplit(val_root, _limit_per_class(val_s, cfg.max_val_per_class, cfg.subsample_seed), tuple(val_hashes))
+    return EvalDataset(id=dataset_id or build.name, path=str(build), classes=vocab.wnids, train=train, val=val,
+                       skipped=dict(skipped))
+
+
+def open_dataset(path: Path, cfg: DataConfig | None = None, *, dataset_id: str | None = None,
+                 val_path: Path | None = None) -> EvalDataset:
+    """Open an eval dataset by path: an ImageFolder tree (train/, val/) or a `maws-data build` dir."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"eval dataset {path} does not exist")
+    if (path / "manifest.json").is_file() and (path / "shards").is_dir():
+        return open_shards(path, cfg, val_build=val_path, dataset_id=dataset_id)
+    if val_path is not None:
+        raise DatasetError(f"--val-data is for shard builds; {path} is read as an ImageFolder tree with its own val/")
     if (path / "train").is_dir() and (path / "val").is_dir():
         return open_image_folder(path, cfg, dataset_id=dataset_id)
-    if (path / "manifest.json").is_file():
-        raise DatasetError(
-            f"{path}: labeled shards are not supported as an eval set yet; export an ImageFolder tree "
-            "(train/<class>/, val/<class>/)"
-        )
-    raise DatasetError(f"{path}: not an ImageFolder tree (train/<class>/…, val/<class>/…)")
+    raise DatasetError(f"{path}: neither an ImageFolder tree (train/<class>/…, val/<class>/…) nor a maws-data "
+                       "build (manifest.json + shards/)")

@@ -104,13 +104,17 @@ def evaluate(
     encoders: Sequence[EncoderRef], dataset: str | Path, *, protocols: Sequence[str], out_dir: Path,
     configs: ProtocolConfigs | None = None, data_cfg: DataConfig | None = None,
     cache_dir: Path | None = None, dataset_id: str | None = None, command: str | None = None,
+    val_dataset: str | Path | None = None,
 ) -> list[Path]:
     """Run `protocols` for every encoder; returns the result files written."""
     configs, data_cfg = configs or ProtocolConfigs(), data_cfg or DataConfig()
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
-    ds = open_dataset(Path(dataset), data_cfg, dataset_id=dataset_id)
+    ds = open_dataset(Path(dataset), data_cfg, dataset_id=dataset_id,
+                      val_path=Path(val_dataset) if val_dataset is not None else None)
+    if ds.skipped:
+        print(f"[maws-eval] {ds.path}: left out {ds.skipped}", flush=True)
     ds_ref = DatasetRef(id=ds.id, path=ds.path, num_train=len(ds.train.items), num_val=len(ds.val.items),
                         num_classes=len(ds.classes))
     command = command or current_command()
