@@ -89,12 +89,13 @@ def test_unreadable_and_absent_sources(tmp_path):
 
 def test_non_utf8_captions_are_row_problems(tmp_path):
     csv = tmp_path / "bad.csv"
-    csv.write_bytes(b"key,image,caption\na,a.jpg,#cat ok\nb,b.jpg,\"bad \xff\xfe #dog\"\nc,,\n")
+    csv.write_bytes(b"key,image,caption\na,a.jpg,#cat ok\nb,b.jpg,\"bad \xff\xfe #dog\"\nc,,\n"
+                    b'd,d.jpg,"two\nlines, #sea"\n')
     df = read_source(SourceConfig(str(csv)))
-    assert df["caption"].to_list() == ["#cat ok", None, ""]
-    assert df["problem"].to_list() == [None, "caption_not_utf8", None]
-    assert df["image"].to_list() == ["a.jpg", "b.jpg", None]
-    assert [caption_problem(r) for r in df.iter_rows(named=True)] == [None, "caption_not_utf8", None]
+    assert df["caption"].to_list() == ["#cat ok", None, "", "two\nlines, #sea"]
+    assert df["problem"].to_list() == [None, "caption_not_utf8", None, None]
+    assert df["image"].to_list() == ["a.jpg", "b.jpg", None, "d.jpg"]
+    assert [caption_problem(r) for r in df.iter_rows(named=True)] == [None, "caption_not_utf8", None, None]
 
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_bytes(b'{"key": "a", "image": "a.jpg", "caption": "fine"}\n'

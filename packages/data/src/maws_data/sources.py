@@ -128,7 +128,9 @@ def _read_csv(path: Path, wanted: list[str]) -> pl.DataFrame:
         header = f.readline().decode("utf-8", errors="replace").lstrip("\ufeff")
     have = next(csv.reader([header]), [])
     _check_columns(path, have, wanted)
-    table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(
+    # Captions often hold line breaks inside quoted cells.
+    table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                            convert_options=pa_csv.ConvertOptions(
         include_columns=wanted,
         column_types={c: pa.binary() for c in wanted},
         strings_can_be_null=False))
