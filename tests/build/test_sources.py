@@ -98,7 +98,7 @@ def test_non_utf8_captions_are_row_problems(tmp_path):
     assert [caption_problem(r) for r in df.iter_rows(named=True)] == [None, "caption_not_utf8", None, None]
 
     jsonl = tmp_path / "bad.jsonl"
-    jsonl.write_bytes(b'{"key": "a", "image": "a.jpg", "caption": "fine"}\n'
+    jsonl.write_bytes(b'\xef\xbb\xbf{"key": "a", "image": "a.jpg", "caption": "fine"}\n'
                       b'{"key": "b", "image": "b.jpg", "caption": "bad \xff"}\n'
                       b'not json\n'
                       b'{"key": 7, "image": "c.jpg", "caption": null}\n')

@@ -150,7 +150,7 @@ def _read_jsonl(path: Path, wanted: list[str]) -> pl.DataFrame:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.decode("utf-8", errors="surrogateescape"))
+                obj = json.loads(line.decode("utf-8", errors="surrogateescape").lstrip("\ufeff"))  # BOM
             except ValueError:
                 obj = None
             if not isinstance(obj, dict):  # unparseable, or valid JSON that is not an object
