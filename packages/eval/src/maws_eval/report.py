@@ -148,11 +148,14 @@ def plot_fewshot(table: dict[str, Any], dataset: str, path: Path) -> Path | None
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for color, enc in zip(COLORS, table["encoders"]):
+    n_enc = len(table["encoders"])
+    for i, (color, enc) in enumerate(zip(COLORS, table["encoders"])):
         pts = [(int(c.split("-")[1].removesuffix("shot")), table["cells"][enc][c]) for c in shot_cols
                if c in table["cells"][enc]]
+        # dodge each encoder slightly along the (log) x axis so error bars do not hide each other
+        dodge = 1.0 + 0.03 * (i - (n_enc - 1) / 2)
         if pts:
-            ax.errorbar([s for s, _ in pts], [c.value * 100 for _, c in pts], yerr=[(c.std or 0) * 100 for _, c in pts],
+            ax.errorbar([s * dodge for s, _ in pts], [c.value * 100 for _, c in pts], yerr=[(c.std or 0) * 100 for _, c in pts],
                         marker="o", capsize=3, label=enc, color=color)
     if table["info"].get("num_classes"):
         ax.axhline(100.0 / table["info"]["num_classes"], color="black", lw=0.8, ls="--", label="chance")
