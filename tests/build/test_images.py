@@ -58,8 +58,12 @@ def test_local_paths(real_paths, tmp_path):
     rel = f"{folder.name}/{real_paths[0].name}"
     assert load_image_bytes(rel, base_dir=str(folder.parent), cfg=cfg) == real_paths[0].read_bytes()
     assert load_image_bytes(str(real_paths[0]), base_dir="/nonexistent", cfg=cfg) == real_paths[0].read_bytes()
+    assert load_image_bytes(real_paths[0].as_uri(), base_dir="/nonexistent", cfg=cfg) == real_paths[0].read_bytes()
     assert _skip_reason(load_image_bytes, "images/none.jpg", base_dir=str(folder.parent), cfg=cfg) == "missing_path"
     assert _skip_reason(load_image_bytes, None, base_dir=".", cfg=cfg) == "null_image"
+    (tmp_path / "my photo%.jpg").write_bytes(real_paths[1].read_bytes())
+    assert load_image_bytes((tmp_path / "my photo%.jpg").as_uri(), base_dir=".", cfg=cfg) == real_paths[1].read_bytes()
+    assert load_image_bytes("my photo%.jpg", base_dir=str(tmp_path), cfg=cfg) == real_paths[1].read_bytes()
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert _skip_reason(load_image_bytes, "empty.jpg", base_dir=str(tmp_path), cfg=cfg) == "empty"
     small_cap = ImageConfig(max_download_bytes=1000)

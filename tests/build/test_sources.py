@@ -144,3 +144,13 @@ def test_dictionary_and_integer_columns(tmp_path):
     assert df["image"].to_list() == ["a.jpg", "b.jpg", "a.jpg"]
     assert df["caption"].to_list() == ["#x", None, "#x"]
     assert df.schema["image"] == pl.String
+
+
+def test_folder_files_disagree_on_image_type(tmp_path):
+    pq.write_table(pa.table({"key": ["a"], "image": ["a.jpg"], "caption": ["#x"]}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"key": ["b"], "image": pa.array([b"\xff\xd8"], type=pa.binary()),
+                             "caption": ["#y"]}), tmp_path / "2.parquet")
+    with pytest.raises(SourceError, match="disagree on the type of image column"):
+        read_source(SourceConfig(str(tmp_path)))
+    with pytest.raises(SourceError, match="must differ"):
+        read_source(SourceConfig(str(tmp_path / "1.parquet"), caption_column="image"))

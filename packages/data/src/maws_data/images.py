@@ -115,7 +115,8 @@ def _describe(ref: str | bytes) -> str:
 
 
 def _read_local(ref: str, base_dir: str, cfg: ImageConfig) -> bytes:
-    path = Path(ref.removeprefix("file://"))
+    # file:// URIs are percent-encoded ("my%20photo.jpg"); plain paths are taken as they are.
+    path = Path(urllib.parse.unquote(ref.removeprefix("file://")) if ref.startswith("file://") else ref)
     if not path.is_absolute():
         path = Path(base_dir) / path
     try:
