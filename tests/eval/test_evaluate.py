@@ -99,36 +99,41 @@ def test_evaluate_writes_one_result_per_number(encoder_dir, tmp_path):
         evaluate([enc], IMAGENETTE, protocols=("linaer",), out_dir=tmp_path)
 
 
-def test_shards_as_eval_data(encoder_dir, tmp_path):
-    """A `maws-data build` is an eval set: labeled samples only, val by key hash, classes = vocabulary."""
-    captions = SHARED / "instagram" / "captions.parquet"
-    if not captions.is_file() or not (SHARED / "nltk_data").is_dir():
-        pytest.skip(f"real data absent: {captions}")
-    import os
-    import subprocess
-    import sys
+def test_shards_as_eval_data(encoder_dir, tiny_build, tmp_path):
+    """A `maws-data build` is an eval set: labeled samples only, val by key hash, classes = vocabulary.
 
-    import polars as pl
-
-    rows = pl.read_parquet(captions).sample(n=80, seed=0)
-    rows = rows.with_columns((pl.lit(str(captions.parent) + "/") + pl.col("image")).alias("image"))
-    rows.write_parquet(tmp_path / "c.parquet")
-    env = {**os.environ, "NLTK_DATA": str(SHARED / "nltk_data")}
-    subprocess.run([str(Path(sys.executable).parent / "maws-data"), "build", "--source", str(tmp_path / "c.parquet"),
-                    "--out", str(tmp_path / "b"), "--image-size", "40", "--min-count", "3", "--processes", "1",
-                    "--no-progress"], check=True, env=env)
-    ds = open_dataset(tmp_path / "b", DataConfig(val_fraction=0.3))
-    vocab_rows = (tmp_path / "b" / "vocabulary.tsv").read_text().splitlines()[1:]
+    tiny_build (tests/conftest.py): 60 real rows in 4 shards.
+    """
+    build_dir = Path(tiny_build)
+    ds = open_dataset(build_dir, DataConfig(val_fraction=0.3))
+    vocab_rows = (build_dir / "vocabulary.tsv").read_text().splitlines()[1:]
     assert ds.classes == tuple(r.split("\t")[1] for r in vocab_rows)
     n_train, n_val = len(ds.train.items), len(ds.val.items)
-    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest = json.loads((build_dir / "manifest.json").read_text())
     assert n_train > n_val > 0
     assert n_train + n_val == sum(s["labeled"] for s in manifest["shards"])
     assert ds.skipped.get("unlabeled", 0) == sum(s["samples"] - s["labeled"] for s in manifest["shards"])
     assert {r for r, _ in ds.train.items}.isdisjoint(r for r, _ in ds.val.items)
-    again = open_dataset(tmp_path / "b", DataConfig(val_fraction=0.3))
+    again = open_dataset(build_dir, DataConfig(val_fraction=0.3))
     assert again.val.items == ds.val.items and again.val.fingerprint() == ds.val.fingerprint()
-    paths = evaluate([parse_encoder(str(encoder_dir))], tmp_path / "b", protocols=("knn",), out_dir=tmp_path / "r",
+    paths = evaluate([parse_encoder(str(encoder_dir))], build_dir, protocols=("knn",), out_dir=tmp_path / "r",
                      data_cfg=DataConfig(val_fraction=0.3), cache_dir=tmp_path / "cache", command="t")
     rec = json.loads(paths[0].read_text())
     assert rec["num_val"] == n_val and rec["num_classes"] == len(ds.classes) and 0 <= rec["value"] <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_features_match_cpu(encoder_dir):
+    """On CUDA, extraction runs under bf16 autocast; features must agree with the fp32 CPU ones."""
+    from maws_train.checkpoint import load_encoder
+
+    ds = open_dataset(IMAGENETTE, DATA)
+    module, _ = load_encoder(encoder_dir)
+    batches = list(ds.eval_batches("val", image_size=32, batch_size=8, num_workers=0))
+    x_cpu, y_cpu = extract(module, batches, device=torch.device("cpu"))
+    x_gpu, y_gpu = extract(module, batches, device=torch.device("cuda"))
+    assert x_gpu.dtype == torch.float32 and x_gpu.device.type == "cpu"
+    assert torch.equal(y_cpu, y_gpu)
+    cos = torch.nn.functional.cosine_similarity(x_cpu, x_gpu, dim=1)
+    assert cos.min().item() > 0.99, cos.min().item()
