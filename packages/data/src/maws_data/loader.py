@@ -50,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD, Task, crop_resize, normalize_batch, sample_geometry
+from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD, Task, crop_resize, normalize_into, sample_geometry
 
 STATE_VERSION = 1
 # Measured by tools/bench/loader.py on this project's 2-core CPU machine (docs/loader.md): the
@@ -472,17 +472,17 @@ class _PillowBatches(torch.utils.data.IterableDataset):
     def make(self, b: int) -> Batch:
         s = self.cfg.image_size
         gids = self.plan[b].copy()
-        pixels = np.empty((len(gids), s, s, 3), np.uint8)
+        out = np.empty((len(gids), 3, s, s), np.float32)
         good, bad, skipped = [], [], []
         for row, g in enumerate(gids):
             try:
-                pixels[row] = self.decode(int(g))
+                normalize_into(out[row], self.decode(int(g)))
                 good.append(row)
             except SampleError as e:
                 bad.append(row)
                 skipped.append({**self.reader.where(int(g)), "reason": e.reason, "detail": e.detail})
-        _replace_bad(pixels, gids, good, bad, skipped)
-        return Batch(b, normalize_batch(pixels), gids, skipped)
+        _replace_bad(out, gids, good, bad, skipped)
+        return Batch(b, torch.from_numpy(out), gids, skipped)
 
     def decode(self, gid: int) -> np.ndarray:
         from PIL import Image
@@ -498,14 +498,14 @@ class _PillowBatches(torch.utils.data.IterableDataset):
             raise SampleError("decode_error", str(e)) from e
 
 
-def _replace_bad(pixels: np.ndarray, gids: np.ndarray, good: list[int], bad: list[int], skipped: list[dict]) -> None:
+def _replace_bad(images: np.ndarray, gids: np.ndarray, good: list[int], bad: list[int], skipped: list[dict]) -> None:
     """Bad rows take the first good sample of the batch, keeping the batch size exact."""
     if not bad:
         return
     if not good:
         raise RuntimeError(f"every sample of a batch is unreadable ({skipped[:3]} ...): the shards are broken")
     for row in bad:
-        pixels[row] = pixels[good[0]]
+        images[row] = images[good[0]]
         gids[row] = gids[good[0]]
 
 

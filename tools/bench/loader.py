@@ -1,0 +1,163 @@
+"""Loader throughput (images/s at 224 px): our backends against torchvision ImageFolder, same run.
+
+The shards are a real build (`maws_data.build`) of the Instagram photos at --image-size (shorter side,
+default 256, never upscaled); the baseline reads the very same JPEGs extracted from those shards into
+an ImageFolder tree (one folder per first label). Every contender uses the same recipe (eval: resize
+256 + centre crop 224; mae: RandomResizedCrop(0.2-1, bicubic) + flip; ImageNet normalisation, float32
+NCHW), the same batch size and the same number of workers:
+
+  baseline    torchvision.datasets.ImageFolder + transforms (PIL) + torch DataLoader(num_workers=W)
+  webdataset  maws_data.loader, Pillow-SIMD on DataLoader workers (W processes)
+  dali-cpu    maws_data.loader, DALI pipeline on the CPU (W decode threads)
+  dali-gpu    DALI "mixed" nvJPEG decoding (only with CUDA; not measurable on a CPU machine)
+
+Each contender runs --epochs passes over the data; the first batch of each pass (worker start-up,
+pipeline build) is excluded from the timing. Ratios are against the baseline of the same task.
+
+    uv run python tools/bench/loader.py                      # 2 workers, batch 64, eval + mae
+    uv run python tools/bench/loader.py --workers 4 --epochs 2 --tasks mae
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "instagram"
+NLTK_DATA = ROOT.parent / "shared" / "data" / "nltk_data"
+
+
+def build_shards(out: Path, *, image_size: int, processes: int) -> Path:
+    """A real build of the whole Instagram table (reused when already there)."""
+    from maws_data.build import BuildConfig, build
+
+    os.environ.setdefault("NLTK_DATA", str(NLTK_DATA))
+    if (out / "manifest.json").exists():
+        return out
+    cfg = BuildConfig(source=str(DEFAULT_DATA / "captions.parquet"), out=str(out), image_size=image_size,
+                      shard_size=500, min_count=5, decoder="pil", processes=processes, progress=False)
+    return build(cfg)
+
+
+def extract_folder(build: Path, folder: Path) -> int:
+    """The build's JPEG bytes, unchanged, as folder/<first label>/<key>.jpg for ImageFolder."""
+    from maws_data.loader import load_table
+
+    table = load_table(str(build))
+    if not folder.exists():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fds = {}
+        for gid, key in enumerate(table.keys):
+            s = int(table.shard[gid])
+            fds.setdefault(s, os.open(table.tar_paths[s], os.O_RDONLY))
+            data = os.pread(fds[s], int(table.jpg_size[gid]), int(table.jpg_off[gid]))
+            d = tmp / f"c{table.first_label(gid) + 1:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{key}.jpg").write_bytes(data)
+        for fd in fds.values():
+            os.close(fd)
+        os.replace(tmp, folder)
+    return len(table)
+
+
+def time_batches(batches, epochs: int) -> tuple[int, float]:
+    """Images and seconds over `epochs` passes, each pass's first batch (start-up) not timed."""
+    images, seconds = 0, 0.0
+    for _ in range(epochs):
+        it = iter(batches)
+        next(it)
+        t0 = time.perf_counter()
+        for x, _ in it:
+            images += len(x)
+        seconds += time.perf_counter() - t0
+    return images, seconds
+
+
+def run_baseline(folder: Path, task: str, args) -> tuple[int, float]:
+    from maws_data.transforms import torchvision_transform
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder), transform=torchvision_transform(task, args.size))
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=task != "eval",
+                                     num_workers=args.workers, drop_last=True)
+    return time_batches(dl, args.epochs)
+
+
+def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "cpu") -> tuple[int, float]:
+    from maws_data.loader import LoaderConfig, build_loader
+
+    cfg = LoaderConfig(shards=str(build), task=task, batch_size=args.batch_size, image_size=args.size,
+                       backend=backend, num_workers=args.workers, dali_threads=args.workers,
+                       dali_device=dali_device)
+    loader = build_loader(cfg)
+
+    class Epochs:  # a new epoch (new order) per pass, as in training
+        epoch = 0
+
+        def __iter__(self):
+            loader.set_epoch(Epochs.epoch)
+            Epochs.epoch += 1
+            if dali_device == "gpu":
+                for x, y in loader:
+                    torch.cuda.synchronize()
+                    yield x, y
+            else:
+                yield from loader
+
+    return time_batches(Epochs(), args.epochs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/maws-bench-loader"), help="build + folder cache")
+    p.add_argument("--image-size", type=int, default=256, help="shorter side of the stored JPEGs")
+    p.add_argument("--size", type=int, default=224, help="output image size")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--tasks", nargs="+", default=["eval", "mae"])
+    p.add_argument("--backends", nargs="+", default=["webdataset", "dali-cpu", "dali-gpu"])
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # the main process only collates; workers do the work
+
+    build = build_shards(args.work / f"build-{args.image_size}", image_size=args.image_size,
+                         processes=args.workers)
+    folder = args.work / f"imagefolder-{args.image_size}"
+    n = extract_folder(build, folder)
+    print(f"{n} images, stored shorter side {args.image_size}, output {args.size}, batch {args.batch_size}, "
+          f"{args.workers} workers, {args.epochs} epoch(s), {os.cpu_count()} CPUs, "
+          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}", flush=True)
+    results = []
+    for task in args.tasks:
+        imgs, secs = run_baseline(folder, task, args)
+        base = imgs / secs
+        results.append({"task": task, "loader": "imagefolder-baseline", "images": imgs, "seconds": secs,
+                        "images_per_s": base, "ratio": 1.0})
+        print(f"{task:5s} {'imagefolder-baseline':22s} {base:9.1f} img/s   1.00x", flush=True)
+        for backend in args.backends:
+            if backend == "dali-gpu" and not torch.cuda.is_available():
+                print(f"{task:5s} {backend:22s}  not measured: no CUDA on this machine", flush=True)
+                continue
+            name, dev = ("dali", backend.split("-")[1]) if backend.startswith("dali") else (backend, "cpu")
+            imgs, secs = run_ours(build, task, name, args, dali_device=dev)
+            rate = imgs / secs
+            results.append({"task": task, "loader": backend, "images": imgs, "seconds": secs,
+                            "images_per_s": rate, "ratio": rate / base})
+            print(f"{task:5s} {backend:22s} {rate:9.1f} img/s {rate / base:6.2f}x", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
