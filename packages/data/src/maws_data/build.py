@@ -433,7 +433,7 @@ def _print_summary(manifest: dict, vocab: Vocabulary, *, resumed: int, t_text: f
         table.add_row(f"skipped: {reason}", str(n))
     table.add_row("classes", str(manifest["classes"]))
     table.add_row("shards (resumed)", f"{len(manifest['shards'])} ({resumed})")
-    table.add_row("pass 1 (text)", f"{t_text:.1f} s, {c['rows'] / max(t_text, 1e-9):.0f} rows/s")
+    table.add_row("pass 1 (text, incl. WordNet load)", f"{t_text:.1f} s")
     table.add_row("pass 2 (images)", f"{t_images:.1f} s, {c['written'] / max(t_images, 1e-9):.1f} images/s")
     if len(vocab):
         top = ", ".join(f"{n.split('.')[0]} ({k})" for n, k in zip(vocab.names[:5], vocab.counts[:5]))

@@ -63,6 +63,7 @@ def build(
     from maws_data.build import BuildConfig, BuildError
     from maws_data.build import build as run_build
     from maws_data.sources import SourceError
+    from maws_data.wordnet import WordNetMissingError
 
     try:
         cfg = BuildConfig(source=str(source), out=str(out), key_column=key_column, image_column=image_column,
@@ -74,7 +75,7 @@ def build(
         if stoplist is not None and not stoplist.is_file():
             raise BuildError(f"--stoplist {stoplist}: no such file")
         result = run_build(cfg)
-    except (SourceError, BuildError, ValueError) as e:
+    except (SourceError, BuildError, WordNetMissingError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(str(result))
