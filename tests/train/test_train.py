@@ -159,13 +159,18 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, parallel):
+@pytest.mark.parametrize("kind,parallel", [
+    ("mae", "ddp"),
+    pytest.param("mae", "fsdp", marks=pytest.mark.slow),
+    pytest.param("wsp", "ddp", marks=pytest.mark.slow),
+])
+def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, kind, parallel):
     sets = ["run.steps=4", "run.log_every=1", "run.ckpt_every=4", f"run.parallel={parallel}"]
-    single = mae.run(mae_cfg(tiny_build, tmp_path / "one", *sets))
+    make_cfg, loop = (mae_cfg, mae) if kind == "mae" else (wsp_cfg, wsp)
+    single = loop.run(make_cfg(tiny_build, tmp_path / "one", *sets))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "maws_train.cli", "mae", "mu_mae", "--shards", str(tiny_build), "--out", str(tmp_path / "two"),
+           "-m", "maws_train.cli", kind, f"mu_{kind}", "--shards", str(tiny_build), "--out", str(tmp_path / "two"),
            *[a for s in MAE_SETS + sets for a in ("--set", s)]]
     # Own session, so that a timeout takes the launcher's worker processes down with it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
