@@ -96,6 +96,10 @@ def run(cfg: WSPConfig) -> Path:
     start_step, last_ckpt = 0, None
     if resume_dir is not None:
         model_sd, optim_sd, meta = checkpoint.load_state(resume_dir)
+        if len(meta["loader"]) != d.world_size:  # the loader's epoch plan depends on the number of ranks
+            raise checkpoint.CheckpointError(
+                f"{resume_dir} was written by {len(meta['loader'])} processes, this run has {d.world_size}; "
+                "resume with the same number of processes")
         distributed.load_train_state(raw, optimizer, model_sd, optim_sd)
         loader.load_state_dict(meta["loader"][d.rank])
         start_step, last_ckpt = int(meta["step"]), resume_dir
