@@ -96,7 +96,7 @@ def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "
     from maws_data.loader import LoaderConfig, build_loader
 
     cfg = LoaderConfig(shards=str(build), task=task, batch_size=args.batch_size, image_size=args.size,
-                       backend=backend, num_workers=args.workers, dali_threads=args.workers,
+                       backend=backend, num_workers=args.workers, dali_threads=max(1, args.workers),
                        dali_device=dali_device)
     loader = build_loader(cfg)
 
