@@ -31,6 +31,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import polars as pl
 
 # Whitespace spelled out, so that Python's `re` and polars' Rust `regex` agree exactly (their `\s`
@@ -209,7 +210,7 @@ def _expand(codes, distinct: list[str], item_off, fn: Callable[[str], Sequence[s
     return pl.Series(name, arr, dtype=pl.List(pl.String))
 
 
-def _distinct_codes(items: pl.Series) -> tuple[object, list[str]]:
+def _distinct_codes(items: pl.Series) -> tuple[np.ndarray, list[str]]:
     """(codes, distinct) with items == distinct[codes]. Hashing to u64 first is ~5x faster than
     hashing strings twice (unique + replace); a 64-bit collision is checked for and falls back."""
     import numpy as np
