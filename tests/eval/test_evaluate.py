@@ -137,3 +137,19 @@ def test_cuda_bf16_features_match_cpu(encoder_dir):
     assert torch.equal(y_cpu, y_gpu)
     cos = torch.nn.functional.cosine_similarity(x_cpu, x_gpu, dim=1)
     assert cos.min().item() > 0.99, cos.min().item()
+
+
+def test_timm_checkpoint_file_is_an_encoder(tmp_path):
+    """A bare timm/MAWS-format .pth (no encoder.json) is scored too: architecture from tensor shapes."""
+    torch.manual_seed(1)
+    model = build_encoder("mu", img_size=32)
+    torch.save({"model": model.state_dict()}, tmp_path / "released_mu.pth")
+    enc = parse_encoder(str(tmp_path / "released_mu.pth"))
+    assert enc.id == "released_mu"
+    feats = feature_set(enc, open_dataset(IMAGENETTE, DATA), data_cfg=DATA, cache_dir=None)
+    assert feats.x_train.shape == (40, 64)
+    model.eval()
+    first = open_dataset(IMAGENETTE, DATA).eval_batches("train", image_size=32, batch_size=4, num_workers=0)
+    images, _ = next(iter(first))
+    with torch.no_grad():
+        assert torch.allclose(feats.x_train[:4], model(images), atol=1e-5)
