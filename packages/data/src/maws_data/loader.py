@@ -473,7 +473,10 @@ class _PillowBatches(torch.utils.data.IterableDataset):
     def make(self, b: int) -> Batch:
         s = self.cfg.image_size
         gids = self.plan[b].copy()
-        out = np.empty((len(gids), 3, s, s), np.float32)
+        images = torch.empty(len(gids), 3, s, s)
+        if torch.utils.data.get_worker_info() is not None:
+            images.share_memory_()  # written in place: sending it to the main process copies nothing
+        out = images.numpy()
         good, bad, skipped = [], [], []
         for row, g in enumerate(gids):
             try:
@@ -483,7 +486,7 @@ class _PillowBatches(torch.utils.data.IterableDataset):
                 bad.append(row)
                 skipped.append({**self.reader.where(int(g)), "reason": e.reason, "detail": e.detail})
         _replace_bad(out, gids, good, bad, skipped)
-        return Batch(b, torch.from_numpy(out), gids, skipped)
+        return Batch(b, images, gids, skipped)
 
     def decode(self, gid: int) -> np.ndarray:
         from PIL import Image
