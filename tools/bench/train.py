@@ -101,13 +101,11 @@ class FullSequenceMAE(nn.Module):
 
 def make_step(name: str, *, variant: str, img: int, classes: int, device: torch.device, compile: bool):
     torch.manual_seed(0)
-    mae = MaskedAutoencoder(build_encoder(variant, img_size=img))
     if name == "wsp":
         module: nn.Module = Classifier(build_encoder(variant, img_size=img), classes)
-    elif name == "mae_full":
-        module = FullSequenceMAE(mae)
     else:
-        module = mae
+        mae = MaskedAutoencoder(build_encoder(variant, img_size=img))
+        module = FullSequenceMAE(mae) if name == "mae_full" else mae
     module = module.to(device)
     opt = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-4, betas=(0.9, 0.95),
                             fused=device.type == "cuda" or None)

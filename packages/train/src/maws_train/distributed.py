@@ -66,9 +66,10 @@ def parallelize(
 ) -> nn.Module:
     """Wrap `model` for training; returns the module to call. State dicts are taken from `model` itself.
 
-    Order matters: torch.compile goes inside the data-parallel wrapper (per block for FSDP2, so that each
-    sharded block is one compiled graph; whole-model for DDP, where DDPOptimizer splits graphs at bucket
-    boundaries). FSDP2 shards each transformer block, then the root (embeddings, norms, heads).
+    Order matters: torch.compile is applied first, in place, so it sits inside the data-parallel wrapper
+    (per block for FSDP2, so each sharded block is one compiled graph and FSDP's all-gathers stay outside
+    it; the whole model for DDP, whose gradient hooks on the parameters fire as usual). FSDP2 then shards
+    each transformer block, then the root (embeddings, norms, heads).
     """
     if compile and d.device.type == "cuda":
         if mode == "fsdp":
