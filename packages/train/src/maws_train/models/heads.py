@@ -12,7 +12,8 @@ from torch import nn
 
 
 class Classifier(nn.Module):
-    """encoder + `head` (Linear D -> num_classes). SWAG initialises the head at zero; so do we."""
+    """encoder + `head` (Linear D -> num_classes), zero-initialised (like big_vision's ViT head), so training
+    starts from the uniform prediction."""
 
     def __init__(self, encoder: VisionTransformer, num_classes: int) -> None:
         super().__init__()
