@@ -53,9 +53,9 @@ import torch
 from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD, Task, crop_resize, normalize_into, sample_geometry
 
 STATE_VERSION = 1
-# The faster CPU backend, which `backend="auto"` uses without a GPU. Measured by tools/bench/loader.py
-# (docs/loader.md) on a shared 2-core machine, 224 px from 256 px shards, img/s webdataset vs dali-cpu:
-# 2 workers eval 179 vs 175, mae 146 vs 134; in-process eval 282 vs 133, mae 194 vs 132.
+# The faster CPU backend, which `backend="auto"` uses without a GPU: measured by tools/bench/loader.py
+# (docs/loader.md, 224 px from 256 px shards, 2 workers) webdataset 491/498 img/s vs dali-cpu 447/441
+# (eval/mae); webdataset was faster in 7 of 8 runs.
 CPU_AUTO_BACKEND: Literal["dali", "webdataset"] = "webdataset"
 JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
 
