@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD, Task, crop_resize, normalize_into, sample_geometry
+from maws_data.vocab import Vocabulary
 
 STATE_VERSION = 1
 # The faster CPU backend, which `backend="auto"` uses without a GPU: measured by tools/bench/loader.py
@@ -144,15 +145,6 @@ def resolve_shards(spec: str | Sequence[str]) -> tuple[list[Path], Path | None]:
     return tars, build
 
 
-def count_classes(vocabulary_tsv: Path) -> int:
-    """Rows of vocabulary.tsv (a header line, if any, has no integer index)."""
-    n = 0
-    for line in vocabulary_tsv.read_text().splitlines():
-        first = line.split("\t", 1)[0].strip()
-        n += first.lstrip("-").isdigit()
-    return n
-
-
 def read_dali_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Parse a DALI webdataset index (v1.2): [(key, {ext: (data_offset, size)})] in tar order."""
     lines = idx_path.read_text().splitlines()
@@ -196,7 +188,7 @@ def _read_sample_json(tar: str, members: list[tuple[int, int]], threads: int = 8
 def load_table(spec: str | Sequence[str]) -> SampleTable:
     """Index every shard (from its .idx and .json stats) and read every sample's labels."""
     tars, build = resolve_shards(spec)
-    num_classes = count_classes(build / "vocabulary.tsv") if build else 0
+    num_classes = len(Vocabulary.load(build)) if build else 0
     cols: dict[str, list] = {"shard": [], "off": [], "size": [], "keys": [], "labels": [], "wh": []}
     excluded: list[dict] = []
     for si, tar in enumerate(tars):
