@@ -264,3 +264,23 @@ def test_dali_mixed_decoding_on_gpu(tiny_build):
     for (xg, yg), (xc, yc) in zip(gpu, cpu):
         assert xg.is_cuda and xg.dtype == torch.float32 and torch.equal(yg, yc)
         assert ((xg.cpu() - xc).abs() * 0.225 * 255).mean() < 2.0  # nvJPEG IDCT differs slightly
+
+
+def test_eval_recipe_matches_torchvision_two_step(tiny_build):
+    """One resize(box=...) == torchvision Resize(S/0.875) + CenterCrop(S) (what ImageFolder eval uses)."""
+    import io
+
+    from maws_data.loader import SampleReader, load_table
+    from maws_data.transforms import crop_resize, normalize_batch, sample_geometry, torchvision_transform
+    from PIL import Image
+
+    table = load_table(str(tiny_build))
+    reader, tv = SampleReader(table), torchvision_transform("eval", S)
+    for gid in range(0, 60, 7):
+        data = reader.jpeg(gid)
+        im = Image.open(io.BytesIO(data))
+        box, flip = sample_geometry(im.width, im.height, task="eval", image_size=S, rng=None)
+        ours = normalize_batch(crop_resize(im, box, flip, S)[None])[0]
+        ref = tv(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert not flip and ours.shape == ref.shape == (3, S, S)
+        assert ((ours - ref).abs() * 0.225 * 255).mean() < 0.05  # measured < 0.001; a 2 px shift gives > 10
