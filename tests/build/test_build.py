@@ -12,11 +12,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from PIL import Image
-
 from maws_data.build import BuildConfig, BuildError, build, safe_key
 from maws_data.hashtags import extract_hashtags
 from maws_data.vocab import Vocabulary, build_vocabulary, row_synsets, tag_frame
+from PIL import Image
 
 
 def sha256(path: Path) -> str:
@@ -181,15 +180,16 @@ def test_bad_rows_are_counted_exactly(bad_build):
 
 
 def test_two_builds_are_byte_identical(bad_source, bad_build, tmp_path):
-    # a second build, with 2 worker processes instead of 1: every output file has the same bytes
-    again = build(bad_config(bad_source, tmp_path / "again", processes=2))
+    # a second build, 2 worker processes of 1 thread instead of 1 of 16: every output file has the same bytes
+    again = build(bad_config(bad_source, tmp_path / "again", processes=2, threads=1))
     first, second = output_digests(bad_build), output_digests(again)
     assert sorted(first) == sorted(second)
     assert len([f for f in first if f.endswith(".tar")]) == 5
     assert first == second | {"manifest.json": first["manifest.json"]}
-    # the manifests differ only in the runtime setting
+    # the manifests differ only in the runtime settings
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (bad_build, again))
     assert (m1["config"].pop("processes"), m2["config"].pop("processes")) == (1, 2)
+    assert (m1["config"].pop("threads"), m2["config"].pop("threads")) == (16, 1)
     assert m1 == m2
 
 

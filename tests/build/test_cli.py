@@ -10,9 +10,8 @@ import tarfile
 from pathlib import Path
 
 import typer
-from typer.testing import CliRunner
-
 from maws_data.cli import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

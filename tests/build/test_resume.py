@@ -14,7 +14,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from maws_data.build import BuildConfig, BuildError, build
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -45,7 +44,9 @@ def config(source: Path, out: Path, **kw) -> BuildConfig:
 def test_sigkill_then_resume_equals_clean_build(image_server, tmp_path):
     if not MAWS_DATA.exists():
         pytest.skip(f"console script not installed at {MAWS_DATA}")
-    image_server.delay_s = 0.05  # 40 rows in 10 shards take >= 2 s: time to kill the build mid-way
+    # every response waits 0.3 s: rows of a shard load in parallel, so each of the 10 shards takes
+    # >= 0.3 s and the whole image pass >= 3 s: time to kill the build mid-way
+    image_server.delay_s = 0.3
     source = url_source(tmp_path / "src", image_server.url, rows=40)
     clean = build(config(source, tmp_path / "clean"))
 

@@ -39,19 +39,35 @@ import polars as pl
 
 from maws_data.hashtags import extract_hashtags_batch
 from maws_data.images import ImageConfig, choose_decoder
-from maws_data.manifest import (MANIFEST_NAME, atomic_write_json, atomic_write_text, dumps_json, remove_temp_files,
-                                sha256_file, write_manifest)
-from maws_data.shards import ShardRow, ShardTask, completed_stats, shard_stem, write_shard
+from maws_data.manifest import (
+    MANIFEST_NAME,
+    atomic_write_json,
+    atomic_write_text,
+    dumps_json,
+    remove_temp_files,
+    sha256_file,
+    write_manifest,
+)
+from maws_data.shards import ShardRow, ShardTask, completed_stats, write_shard
 from maws_data.sources import SourceConfig, read_source, source_files
-from maws_data.vocab import (HASHTAG_MAP_NAME, VOCABULARY_NAME, Vocabulary, build_vocabulary, hashtag_map_frame,
-                             label_rows, row_synsets, tag_frame, write_hashtag_map)
+from maws_data.vocab import (
+    HASHTAG_MAP_NAME,
+    VOCABULARY_NAME,
+    Vocabulary,
+    build_vocabulary,
+    hashtag_map_frame,
+    label_rows,
+    row_synsets,
+    tag_frame,
+    write_hashtag_map,
+)
 from maws_data.wordnet import HashtagMapper, MappingConfig, synset_name
 
 BUILD_STATE_NAME = "build.json"
 SKIPPED_NAME = "skipped.jsonl"
 SHARDS_DIR = "shards"
 # Config fields that do not change the output bytes (how the work is run, where, how it is shown).
-RUNTIME_FIELDS = ("out", "processes", "runner", "ray_address", "overwrite", "progress")
+RUNTIME_FIELDS = ("out", "processes", "threads", "runner", "ray_address", "overwrite", "progress")
 MANIFEST_OMITS = ("out", "overwrite", "progress")
 KEY_MAX_LEN = 64  # tar USTAR names hold 100 bytes; leave room for ".json" and margin
 UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -79,6 +95,7 @@ class BuildConfig:
     retries: int = 2  # download retries
     max_download_bytes: int = 20 << 20
     processes: int = 0  # worker processes for the local runner; 0 = all cores
+    threads: int = 16  # image load/decode threads per worker (overlap downloads with decoding)
     runner: Literal["local", "ray"] = "local"
     ray_address: str | None = None  # Ray cluster address; None = connect to a running one or start locally
     overwrite: bool = False  # replace an existing build made with another config or input
@@ -91,6 +108,8 @@ class BuildConfig:
             raise ValueError(f"min_count must be >= 1, got {self.min_count}")
         if self.max_classes is not None and self.max_classes < 1:
             raise ValueError(f"max_classes must be >= 1 or None, got {self.max_classes}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         if self.runner not in ("local", "ray"):
@@ -145,7 +164,8 @@ def build(cfg: BuildConfig) -> Path:
     image_cfg = cfg.image_config(decoder)
     dali_device = _dali_device() if decoder == "dali" else "cpu"
     tasks = list(make_tasks(df, plan, labels, shard_size=cfg.shard_size, shards_dir=shards_dir,
-                            image_cfg=image_cfg, dali_device=dali_device, fingerprint=fingerprint))
+                            image_cfg=image_cfg, dali_device=dali_device, fingerprint=fingerprint,
+                            threads=cfg.threads))
     stats: dict[int, dict] = {}
     pending = []
     for t in tasks:
@@ -278,7 +298,8 @@ def _map_tags(plan: pl.DataFrame, cfg: BuildConfig) -> pl.DataFrame:
 
 
 def make_tasks(df: pl.DataFrame, plan: pl.DataFrame, labels: pl.DataFrame, *, shard_size: int, shards_dir: Path,
-               image_cfg: ImageConfig, dali_device: str, fingerprint: str) -> Iterator[ShardTask]:
+               image_cfg: ImageConfig, dali_device: str, fingerprint: str, threads: int = 16
+               ) -> Iterator[ShardTask]:
     """Cut the rows into shards of `shard_size` consecutive input rows."""
     n = df.height
     images = df["image"].to_list()
@@ -298,7 +319,7 @@ def make_tasks(df: pl.DataFrame, plan: pl.DataFrame, labels: pl.DataFrame, *, sh
                                  wnids=kept[i], labels=idx[i]))
         yield ShardTask(index=s, first_row=start, end_row=end, rows=rows, skipped=skipped,
                         shards_dir=str(shards_dir), image=image_cfg, dali_device=dali_device,
-                        fingerprint=fingerprint)
+                        fingerprint=fingerprint, threads=threads)
 
 
 def _dali_device() -> str:

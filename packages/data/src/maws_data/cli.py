@@ -10,7 +10,7 @@ import json
 import tarfile
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -38,12 +38,14 @@ def build(
     image_size: Annotated[int, typer.Option(help="Shorter side of the stored images in pixels (never upscaled).")] = 256,
     shard_size: Annotated[int, typer.Option(help="Input rows per shard (skipped rows included).")] = 1000,
     min_count: Annotated[int, typer.Option(help="Keep WordNet synsets with at least this many images.")] = 10,
-    max_classes: Annotated[Optional[int], typer.Option(help="Keep at most this many synsets, most frequent first "
+    max_classes: Annotated[int | None, typer.Option(help="Keep at most this many synsets, most frequent first "
                                                             "(ties by wnid). Default: no limit.")] = None,
     processes: Annotated[int, typer.Option(help="Worker processes (local runner; CPUs for a local Ray). "
                                                 "0 = all cores.")] = 0,
+    threads: Annotated[int, typer.Option(help="Image download/decode threads per worker process (overlaps "
+                                              "network waits with decoding).")] = 16,
     runner: Annotated[Runner, typer.Option(help="Run shard tasks in local processes or on Ray.")] = Runner.local,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --runner ray (default: a "
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address for --runner ray (default: a "
                                                             "running cluster, else a local one).")] = None,
     decoder: Annotated[Decoder, typer.Option(help="Image decoder: pil (Pillow-SIMD, CPU), dali (GPU when present), "
                                                   "auto (dali with CUDA, else pil).")] = Decoder.auto,
@@ -51,7 +53,7 @@ def build(
     key_column: Annotated[str, typer.Option(help="Name of the key column in the source.")] = "key",
     image_column: Annotated[str, typer.Option(help="Name of the image column: path, URL or bytes.")] = "image",
     caption_column: Annotated[str, typer.Option(help="Name of the caption column.")] = "caption",
-    stoplist: Annotated[Optional[Path], typer.Option(help="File of hashtags to ignore, one per line, replacing the "
+    stoplist: Annotated[Path | None, typer.Option(help="File of hashtags to ignore, one per line, replacing the "
                                                           "built-in stop list of generic tags (#instagood, ...).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per image download attempt.")] = 10.0,
     retries: Annotated[int, typer.Option(help="Download retries after a timeout, connection error or 5xx.")] = 2,
@@ -70,7 +72,7 @@ def build(
                           caption_column=caption_column, image_size=image_size, jpeg_quality=jpeg_quality,
                           shard_size=shard_size, min_count=min_count, max_classes=max_classes,
                           stoplist=str(stoplist) if stoplist else None, decoder=decoder.value, timeout_s=timeout,
-                          retries=retries, processes=processes, runner=runner.value, ray_address=ray_address,
+                          retries=retries, processes=processes, threads=threads, runner=runner.value, ray_address=ray_address,
                           overwrite=overwrite, progress=progress)
         if stoplist is not None and not stoplist.is_file():
             raise BuildError(f"--stoplist {stoplist}: no such file")

@@ -27,10 +27,11 @@ import io
 import json
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from maws_data.images import ImageConfig, SkipSample, load_image_bytes, process_image, process_images_dali
+from maws_data.images import ImageConfig, SkipSample, load_and_process_many, load_image_bytes, process_images_dali
 from maws_data.manifest import atomic_write_json, atomic_write_text, sha256_file
 
 # Fixed tar metadata: with these, the tar bytes depend only on the samples (reproducible builds).
@@ -70,6 +71,7 @@ class ShardTask:
     image: ImageConfig  # decoder already resolved to "pil" or "dali"
     dali_device: str = "cpu"
     fingerprint: str = ""
+    threads: int = 16  # load/decode threads in the worker (does not change the output)
 
     @property
     def stem(self) -> str:
@@ -83,30 +85,33 @@ def sample_json(r: ShardRow, width: int, height: int) -> bytes:
 
 
 def _images(task: ShardTask) -> list[tuple[bytes, int, int] | SkipSample]:
-    """Each row's processed image (jpeg, w, h) or the SkipSample saying why not, in row order."""
+    """Each row's processed image (jpeg, w, h) or the SkipSample saying why not, in row order.
+
+    Rows are loaded (and, with Pillow, decoded) on `task.threads` threads: downloads wait on the
+    network and Pillow releases the GIL while decoding, so one process keeps a core busy. The
+    result order is the row order whatever the thread timing.
+    """
     cfg = task.image
-    loaded: list[bytes | SkipSample] = []
-    for r in task.rows:
+    refs = [(r.image, r.base_dir) for r in task.rows]
+    if cfg.decoder != "dali":
+        return load_and_process_many(refs, cfg, threads=task.threads)
+
+    def load(ref: tuple) -> bytes | SkipSample:
         try:
-            loaded.append(load_image_bytes(r.image, base_dir=r.base_dir, cfg=cfg))
+            return load_image_bytes(ref[0], base_dir=ref[1], cfg=cfg)
         except SkipSample as e:
-            loaded.append(e)
-    if cfg.decoder == "dali":
-        ok = [i for i, d in enumerate(loaded) if isinstance(d, bytes)]
-        results: list = list(loaded)
-        for i, res in zip(ok, process_images_dali([loaded[i] for i in ok], cfg, device=task.dali_device)):
-            results[i] = res
-        return results
-    out: list[tuple[bytes, int, int] | SkipSample] = []
-    for d in loaded:
-        if isinstance(d, SkipSample):
-            out.append(d)
-            continue
-        try:
-            out.append(process_image(d, cfg))
-        except SkipSample as e:
-            out.append(e)
-    return out
+            return e
+
+    if task.threads > 1 and len(refs) > 1:
+        with ThreadPoolExecutor(min(task.threads, len(refs))) as pool:
+            loaded = list(pool.map(load, refs))
+    else:
+        loaded = [load(r) for r in refs]
+    ok = [i for i, d in enumerate(loaded) if isinstance(d, bytes)]
+    results: list = list(loaded)
+    for i, res in zip(ok, process_images_dali([loaded[i] for i in ok], cfg, device=task.dali_device)):
+        results[i] = res
+    return results
 
 
 def write_shard(task: ShardTask) -> dict:
