@@ -11,6 +11,10 @@ NCHW), the same batch size and the same number of workers:
   dali-cpu    maws_data.loader, DALI pipeline on the CPU (W decode threads)
   dali-gpu    DALI "mixed" nvJPEG decoding (only with CUDA; not measurable on a CPU machine)
 
+With CUDA, two ceilings for dali-gpu are measured on the same JPEGs, held in memory (no host reads, no
+per-sample Python): `nvjpeg-decode` (fn.decoders.image "mixed" alone: the decoder's own limit) and
+`nvjpeg-rrc` (decode + DALI's own random_resized_crop + normalise: the pipeline's GPU-side limit).
+
 Each contender runs --epochs passes over the data; the first batch of each pass (worker start-up,
 pipeline build) is excluded from the timing. Ratios are against the baseline of the same task.
 
@@ -116,6 +120,47 @@ def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "
     return time_batches(Epochs(), args.epochs)
 
 
+def run_decoder_limits(build: Path, args) -> dict[str, float]:
+    """Images/s of DALI "mixed" decoding alone and of decode + crop/resize/normalise, fed from memory."""
+    import numpy as np
+    from maws_data.loader import SampleReader, load_table
+    from nvidia.dali import fn, pipeline_def, types
+
+    table = load_table(str(build))
+    reader = SampleReader(table)
+    jpegs = [np.frombuffer(reader.jpeg(g), np.uint8) for g in range(len(table))]
+    bs = args.batch_size
+    batches = [jpegs[i:i + bs] for i in range(0, len(jpegs) - bs + 1, bs)]
+    rates = {}
+    for name in ("nvjpeg-decode", "nvjpeg-rrc"):
+        @pipeline_def(batch_size=bs, num_threads=max(1, args.workers), device_id=0, prefetch_queue_depth=2)
+        def pipe():
+            data = fn.external_source(source=lambda info: batches[info.iteration % len(batches)], batch=True,
+                                      batch_info=True, dtype=types.UINT8)
+            images = fn.decoders.image(data, device="mixed", output_type=types.RGB)
+            if name == "nvjpeg-rrc":
+                images = fn.random_resized_crop(images, size=[args.size, args.size], random_area=[0.2, 1.0],
+                                                interp_type=types.INTERP_CUBIC)
+                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                                  mirror=fn.random.coin_flip(), mean=[124.0, 116.0, 104.0],
+                                                  std=[58.4, 57.1, 57.4])
+            return images
+
+        p = pipe()
+        p.build()
+        for _ in range(3):
+            p.run()
+        torch.cuda.synchronize()
+        runs = args.epochs * len(batches)
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            p.run()
+        torch.cuda.synchronize()
+        rates[name] = runs * bs / (time.perf_counter() - t0)
+        del p
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/maws-bench-loader"), help="build + folder cache")
@@ -154,6 +199,10 @@ def main() -> None:
             results.append({"task": task, "loader": backend, "images": imgs, "seconds": secs,
                             "images_per_s": rate, "ratio": rate / base})
             print(f"{task:5s} {backend:22s} {rate:9.1f} img/s {rate / base:6.2f}x", flush=True)
+    if torch.cuda.is_available() and "dali-gpu" in args.backends:
+        for name, rate in run_decoder_limits(build, args).items():
+            results.append({"task": "ceiling", "loader": name, "images_per_s": rate})
+            print(f"ceil  {name:22s} {rate:9.1f} img/s  (JPEGs in memory, no host reads)", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "results": results}, indent=2) + "\n")
