@@ -271,7 +271,7 @@ def test_eval_recipe_matches_torchvision_two_step(tiny_build):
     import io
 
     from maws_data.loader import SampleReader, load_table
-    from maws_data.transforms import crop_resize, normalize_batch, sample_geometry, torchvision_transform
+    from maws_data.transforms import batch_geometry, crop_resize, normalize_batch, torchvision_transform
     from PIL import Image
 
     table = load_table(str(tiny_build))
@@ -279,7 +279,9 @@ def test_eval_recipe_matches_torchvision_two_step(tiny_build):
     for gid in range(0, 60, 7):
         data = reader.jpeg(gid)
         im = Image.open(io.BytesIO(data))
-        box, flip = sample_geometry(im.width, im.height, task="eval", image_size=S, rng=None)
+        boxes, flips = batch_geometry(np.array([im.width]), np.array([im.height]), np.array([gid]), task="eval",
+                                      image_size=S, seed=0, epoch=0)
+        box, flip = tuple(boxes[0]), bool(flips[0])
         ours = normalize_batch(crop_resize(im, box, flip, S)[None])[0]
         ref = tv(Image.open(io.BytesIO(data)).convert("RGB"))
         assert not flip and ours.shape == ref.shape == (3, S, S)

@@ -8,8 +8,9 @@ shuffles with a buffer, so it can give neither a seed+epoch sample permutation t
 for both backends nor an exact mid-epoch resume. Instead the loader's epoch plan (sample ids per
 batch) is read on the host -- one `pread` per JPEG at the offset in the builder's DALI `.idx`
 index, on a small thread pool -- and fed to the pipeline as encoded bytes. The crop box and flip
-of every sample come from the same Python code as the Pillow backend (`sample_geometry`, seeded
-per sample), so both backends produce the same crops.
+of every sample come from the same function as the Pillow backend (`plan_geometry`, vectorised over
+the batch, a function of seed, epoch and sample id), so both backends produce the same crops. The
+host side of batch i+1 is prepared on a background thread while DALI works on batch i.
 
 Pipeline per batch:
     encoded JPEG bytes (host)  -> fn.decoders.image   device "mixed" (nvJPEG, A100/H100/H200 hardware
@@ -34,8 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from maws_data.loader import Batch, LoaderConfig, SampleError, SampleReader, sample_rng
-from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_geometry
+from maws_data.loader import Batch, LoaderConfig, SampleError, SampleReader, plan_geometry
+from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def dali_device_id(cfg: LoaderConfig) -> int | None:
@@ -54,14 +55,17 @@ class DaliBatches:
         self.cfg, self.reader = cfg, reader
         self.device_id = dali_device_id(cfg)
         self.bad: dict[int, tuple[str, str]] = {}   # gid -> (reason, detail), found by decode failures
-        self._pool = ThreadPoolExecutor(max(1, cfg.num_workers))
+        self._threads = max(1, cfg.num_workers)
+        self._pool = ThreadPoolExecutor(self._threads)   # JPEG reads (pread releases the GIL)
+        self._prep = ThreadPoolExecutor(1)               # the next batch's host side, ahead of DALI
 
     # -- host side: bytes and geometry of one batch ------------------------------------------
 
     def host_batch(self, gids: np.ndarray, epoch: int) -> tuple[list, np.ndarray, list[dict]]:
         """(inputs for the pipeline, gids after replacement, skipped records) of one planned batch."""
         gids = gids.copy()
-        datas = list(self._pool.map(self._read, (int(g) for g in gids)))
+        chunks = np.array_split(gids, min(self._threads, len(gids)))  # one task per thread, not per JPEG
+        datas = [d for part in self._pool.map(lambda c: [self._read(int(g)) for g in c], chunks) for d in part]
         good = [i for i, d in enumerate(datas) if not isinstance(d, SampleError)]
         skipped = [{**self.reader.where(int(gids[i])), "reason": d.reason, "detail": d.detail}
                    for i, d in enumerate(datas) if isinstance(d, SampleError)]
@@ -70,16 +74,10 @@ class DaliBatches:
         for i, d in enumerate(datas):
             if isinstance(d, SampleError):
                 gids[i], datas[i] = gids[good[0]], datas[good[0]]
-        starts, ends, mirrors = [], [], []
-        for g in gids:
-            w, h = (int(v) for v in self.reader.table.size[g])
-            rng = None if self.cfg.task == "eval" else sample_rng(self.cfg.seed, epoch, int(g))
-            (x0, y0, x1, y1), flip = sample_geometry(w, h, task=self.cfg.task, image_size=self.cfg.image_size,
-                                                     rng=rng, crop_scale=self.cfg.crop_scale)
-            starts.append(np.array([y0, x0], np.float32))  # DALI ROIs follow the HWC shape order
-            ends.append(np.array([y1, x1], np.float32))
-            mirrors.append(np.array(int(flip), np.int32))
-        return [datas, starts, ends, mirrors], gids, skipped
+        boxes, flips = plan_geometry(self.cfg, self.reader.table, gids, epoch)
+        starts = np.ascontiguousarray(boxes[:, [1, 0]], np.float32)  # DALI ROIs follow the HWC shape order
+        ends = np.ascontiguousarray(boxes[:, [3, 2]], np.float32)
+        return [datas, starts, ends, flips.astype(np.int32)], gids, skipped
 
     def _read(self, gid: int) -> np.ndarray | SampleError:
         if gid in self.bad:
@@ -141,11 +139,19 @@ class DaliBatches:
                 del pipe
 
     def _feeder(self, plan: list[np.ndarray], todo: list[int], meta: dict, epoch: int):
+        ahead: dict = {}  # position in `todo` -> future of its host batch
+
+        def submit(k: int) -> None:
+            if k < len(todo) and k not in ahead:
+                ahead[k] = self._prep.submit(self.host_batch, plan[todo[k]], epoch)
+
         def feed(info):
             # DALI asks ahead (prefetch); past the end it gets the last batch again, never run.
-            i = todo[min(info.iteration, len(todo) - 1)]
-            inputs, gids, skipped = self.host_batch(plan[i], epoch)
-            meta[i] = (gids, skipped)
+            k = min(info.iteration, len(todo) - 1)
+            submit(k)
+            submit(k + 1)  # prepared on the background thread while DALI runs batch k
+            inputs, gids, skipped = (ahead.pop(k) if k < len(todo) - 1 else ahead[k]).result()
+            meta[todo[k]] = (gids, skipped)
             return tuple(inputs)
 
         return feed

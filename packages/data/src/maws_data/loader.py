@@ -50,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD, Task, crop_resize, normalize_into, sample_geometry
+from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD, Task, batch_geometry, crop_resize, normalize_into
 from maws_data.vocab import Vocabulary
 
 STATE_VERSION = 1
@@ -322,9 +322,12 @@ class SampleError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def sample_rng(seed: int, epoch: int, gid: int) -> np.random.Generator:
-    """Augmentation randomness of one sample in one epoch (same after a resume, on any worker)."""
-    return np.random.default_rng([seed, epoch, gid, 0x5A17])
+def plan_geometry(cfg: LoaderConfig, table: SampleTable, gids: np.ndarray, epoch: int,
+                  sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes and flips of one batch (both backends), from the sizes the builder recorded."""
+    sizes = table.size[gids] if sizes is None else sizes
+    return batch_geometry(sizes[:, 0], sizes[:, 1], gids, task=cfg.task, image_size=cfg.image_size,
+                          seed=cfg.seed, epoch=epoch, crop_scale=cfg.crop_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,10 +472,11 @@ class _PillowBatches(torch.utils.data.IterableDataset):
         if torch.utils.data.get_worker_info() is not None:
             images.share_memory_()  # written in place: sending it to the main process copies nothing
         out = images.numpy()
+        boxes, flips = plan_geometry(self.cfg, self.reader.table, gids, self.epoch)
         good, bad, skipped = [], [], []
         for row, g in enumerate(gids):
             try:
-                normalize_into(out[row], self.decode(int(g)))
+                normalize_into(out[row], self.decode(int(g), boxes[row], bool(flips[row])))
                 good.append(row)
             except SampleError as e:
                 bad.append(row)
@@ -480,16 +484,17 @@ class _PillowBatches(torch.utils.data.IterableDataset):
         _replace_bad(out, gids, good, bad, skipped)
         return Batch(b, images, gids, skipped)
 
-    def decode(self, gid: int) -> np.ndarray:
+    def decode(self, gid: int, box: np.ndarray, flip: bool) -> np.ndarray:
         from PIL import Image
 
         data = self.reader.jpeg(gid)
         try:
             im = Image.open(io.BytesIO(data))
-            rng = None if self.cfg.task == "eval" else sample_rng(self.cfg.seed, self.epoch, gid)
-            box, flip = sample_geometry(im.width, im.height, task=self.cfg.task, image_size=self.cfg.image_size,
-                                        rng=rng, crop_scale=self.cfg.crop_scale)
-            return crop_resize(im, box, flip, self.cfg.image_size)
+            if tuple(self.reader.table.size[gid]) != im.size:  # the recorded size is wrong: trust the JPEG
+                boxes, flips = plan_geometry(self.cfg, self.reader.table, np.array([gid]), self.epoch,
+                                             sizes=np.array([im.size]))
+                box, flip = boxes[0], bool(flips[0])
+            return crop_resize(im, tuple(box), flip, self.cfg.image_size)
         except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for broken images
             raise SampleError("decode_error", str(e)) from e
 

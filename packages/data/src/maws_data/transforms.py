@@ -10,9 +10,10 @@ Every recipe ends with ImageNet mean/std normalisation, float32, NCHW.
 
 Speed: the crop box is drawn from the JPEG header size *before* decoding, so a large crop of a
 large image is decoded at 1/2, 1/4 or 1/8 scale (`Image.draft`, DCT-domain scaling in libjpeg), and
-crop + resize is one `Image.resize(box=...)` call. Augmentation randomness comes from a numpy
-Generator the caller seeds per sample (seed, epoch, sample id), so a resumed epoch draws the same
-crops as an uninterrupted one.
+crop + resize is one `Image.resize(box=...)` call. Augmentation randomness is a counter-based
+function of (seed, epoch, sample id) (`sample_uniforms`), so a resumed epoch draws the same crops as
+an uninterrupted one, and both loader backends draw a whole batch's crop boxes in a few numpy
+operations (`batch_geometry`), not one seeded generator and Python loop per sample.
 
 `torchvision_transform(task, image_size)` is the same recipe as a torchvision Compose, for
 ImageFolder-style datasets (the evaluation package and the loader benchmark's baseline).
@@ -34,6 +35,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_PCT = 0.875
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_SCALE: dict[str, tuple[float, float]] = {"mae": (0.2, 1.0), "wsp": (0.08, 1.0)}
+RRC_ATTEMPTS = 10  # RandomResizedCrop tries this many (area, ratio) draws before its centre fallback
+GEOMETRY_DRAWS = 2 * RRC_ATTEMPTS + 3  # + left, top, flip
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
 def crop_scale_for(task: Task, override: tuple[float, float] | None = None) -> tuple[float, float]:
@@ -47,29 +52,6 @@ def crop_scale_for(task: Task, override: tuple[float, float] | None = None) -> t
 def eval_resize_size(image_size: int) -> int:
     """Shorter side before the centre crop: 224 -> 256."""
     return round(image_size / EVAL_CROP_PCT)
-
-
-def random_resized_crop_box(width: int, height: int, *, scale: tuple[float, float],
-                            ratio: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(left, top, w, h) drawn as torchvision's RandomResizedCrop.get_params, from `rng`."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    # Fallback (as torchvision): the whole image, clamped to the ratio range, centred.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
 
 
 def eval_box(width: int, height: int, image_size: int) -> tuple[float, float, float, float]:
@@ -89,16 +71,87 @@ def eval_box(width: int, height: int, image_size: int) -> tuple[float, float, fl
     return left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy
 
 
-def sample_geometry(width: int, height: int, *, task: Task, image_size: int, rng: np.random.Generator | None,
-                    crop_scale: tuple[float, float] | None = None) -> tuple[tuple[float, float, float, float], bool]:
-    """One sample's crop box (source pixels: left, top, right, bottom) and flip; both backends use it."""
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays: a bijective, well-mixing 64-bit hash (wraps by design)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix64_int(x: int) -> int:
+    x &= _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def sample_uniforms(seed: int, epoch: int, gids: np.ndarray, draws: int) -> np.ndarray:
+    """(len(gids), draws) floats in [0, 1), each a function of (seed, epoch, gid, draw index) only.
+
+    Counter-based (splitmix64 over a per-draw counter, keyed by seed and epoch): a sample gets the same
+    numbers in whatever batch, worker, backend or resumed run it is drawn, and a batch costs a few
+    vectorised operations.
+    """
+    key = _mix64_int(_mix64_int(seed + _GOLDEN) + (epoch + 1) * _GOLDEN)
+    counters = (np.asarray(gids, np.uint64)[:, None] * np.uint64(draws)
+                + np.arange(draws, dtype=np.uint64)[None, :])
+    with np.errstate(over="ignore"):
+        bits = _mix64(counters * np.uint64(_GOLDEN) + np.uint64(key))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def eval_boxes(widths: np.ndarray, heights: np.ndarray, image_size: int) -> np.ndarray:
+    """`eval_box` for arrays of sizes: (N, 4) left, top, right, bottom (same float operations)."""
+    w, h = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
+    short = eval_resize_size(image_size)
+    portrait = w <= h
+    new_w = np.where(portrait, short, np.trunc(short * w / h))
+    new_h = np.where(portrait, np.trunc(short * h / w), short)
+    left, top = np.round((new_w - image_size) / 2.0), np.round((new_h - image_size) / 2.0)
+    sx, sy = w / new_w, h / new_h
+    return np.stack([left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy], axis=1)
+
+
+def random_resized_crop_boxes(widths: np.ndarray, heights: np.ndarray, u: np.ndarray, *,
+                              scale: tuple[float, float], ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params for a batch, from uniforms `u` (N, GEOMETRY_DRAWS):
+    the first of RRC_ATTEMPTS (area, log-ratio) draws that fits, else the centre crop clamped to the
+    ratio range. Returns (N, 4) integer-valued left, top, right, bottom."""
+    w, h = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
+    a = RRC_ATTEMPTS
+    target = (w * h)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[:, :a])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, a:2 * a])
+    cw, ch = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
+    fits = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
+    rows, first = np.arange(len(w)), fits.argmax(axis=1)
+    found = fits[rows, first]
+    cw, ch = cw[rows, first], ch[rows, first]
+    left = np.floor(u[:, 2 * a] * (w - cw + 1))
+    top = np.floor(u[:, 2 * a + 1] * (h - ch + 1))
+    # torchvision's fallback: the whole image, clamped to the ratio range, centred.
+    in_ratio = w / h
+    fw = np.where(in_ratio > ratio[1], np.round(h * ratio[1]), w)
+    fh = np.where(in_ratio < ratio[0], np.round(w / ratio[0]), h)
+    cw, ch = np.where(found, cw, fw), np.where(found, ch, fh)
+    left = np.where(found, left, np.floor((w - fw) / 2))
+    top = np.where(found, top, np.floor((h - fh) / 2))
+    return np.stack([left, top, left + cw, top + ch], axis=1)
+
+
+def batch_geometry(widths: np.ndarray, heights: np.ndarray, gids: np.ndarray, *, task: Task, image_size: int,
+                   seed: int, epoch: int, crop_scale: tuple[float, float] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes (N, 4: left, top, right, bottom in source pixels) and flips (N,) of a batch.
+
+    Both loader backends call it, so they crop every sample identically; a sample's box depends on
+    (seed, epoch, gid) and its size only, never on its batch-mates.
+    """
     if task == "eval":
-        return eval_box(width, height, image_size), False
-    if rng is None:
-        raise ValueError("random recipes need an rng")
-    left, top, w, h = random_resized_crop_box(width, height, scale=crop_scale_for(task, crop_scale),
-                                              ratio=CROP_RATIO, rng=rng)
-    return (left, top, left + w, top + h), bool(rng.random() < 0.5)
+        return eval_boxes(widths, heights, image_size), np.zeros(len(gids), bool)
+    u = sample_uniforms(seed, epoch, gids, GEOMETRY_DRAWS)
+    boxes = random_resized_crop_boxes(widths, heights, u, scale=crop_scale_for(task, crop_scale))
+    return boxes, u[:, -1] < 0.5
 
 
 def crop_resize(im: Image.Image, box: tuple[float, float, float, float], flip: bool, size: int) -> np.ndarray:
