@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from maws_data.transforms import (CROP_RATIO, batch_geometry, eval_box, eval_boxes, random_resized_crop_boxes,
-                                  sample_uniforms, GEOMETRY_DRAWS)
+from maws_data.transforms import (
+    CROP_RATIO,
+    GEOMETRY_DRAWS,
+    batch_geometry,
+    eval_box,
+    eval_boxes,
+    random_resized_crop_boxes,
+    sample_uniforms,
+)
 
 
 def test_uniforms_depend_on_seed_epoch_and_sample_only():

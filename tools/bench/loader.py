@@ -132,21 +132,21 @@ def run_decoder_limits(build: Path, args) -> dict[str, float]:
     bs = args.batch_size
     batches = [jpegs[i:i + bs] for i in range(0, len(jpegs) - bs + 1, bs)]
     rates = {}
-    for name in ("nvjpeg-decode", "nvjpeg-rrc"):
-        @pipeline_def(batch_size=bs, num_threads=max(1, args.workers), device_id=0, prefetch_queue_depth=2)
-        def pipe():
-            data = fn.external_source(source=lambda info: batches[info.iteration % len(batches)], batch=True,
-                                      batch_info=True, dtype=types.UINT8)
-            images = fn.decoders.image(data, device="mixed", output_type=types.RGB)
-            if name == "nvjpeg-rrc":
-                images = fn.random_resized_crop(images, size=[args.size, args.size], random_area=[0.2, 1.0],
-                                                interp_type=types.INTERP_CUBIC)
-                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                                  mirror=fn.random.coin_flip(), mean=[124.0, 116.0, 104.0],
-                                                  std=[58.4, 57.1, 57.4])
-            return images
+    @pipeline_def(batch_size=bs, num_threads=max(1, args.workers), device_id=0, prefetch_queue_depth=2)
+    def pipe(crop: bool):
+        data = fn.external_source(source=lambda info: batches[info.iteration % len(batches)], batch=True,
+                                  batch_info=True, dtype=types.UINT8)
+        images = fn.decoders.image(data, device="mixed", output_type=types.RGB)
+        if crop:
+            images = fn.random_resized_crop(images, size=[args.size, args.size], random_area=[0.2, 1.0],
+                                            interp_type=types.INTERP_CUBIC)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                              mirror=fn.random.coin_flip(), mean=[124.0, 116.0, 104.0],
+                                              std=[58.4, 57.1, 57.4])
+        return images
 
-        p = pipe()
+    for name in ("nvjpeg-decode", "nvjpeg-rrc"):
+        p = pipe(crop=name == "nvjpeg-rrc")
         p.build()
         for _ in range(3):
             p.run()
