@@ -20,7 +20,7 @@ OUT/stages/), so re-running the same command is a no-op and an interrupted run c
 stopped (training itself resumes from its last checkpoint).
 
 Presets: `test` (CI-sized, ~1-2 min on 2 cores), `tiny` (2 CPU cores, a few minutes), `cpu` (the
-largest run that fits ~15 min on 2 shared cores), `gpu_s16` / `gpu_b16` (one GPU).
+largest run that fits ~20 min on 2 shared cores), `gpu_s16` / `gpu_b16` (one GPU).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ PRESETS: dict[str, PipelinePreset] = {
         eval_train_per_class=60, eval_val_per_class=40,
         eval_sets=("finetune.steps=60", "finetune.batch_size=32"),
     ),
-    # the largest experiment ~15 min of 2 shared CPU cores affords (docs/eval.md has its table)
+    # the largest experiment ~20 min of 2 shared CPU cores affords (docs/eval.md has its table)
     "cpu": PipelinePreset(
         rows=0, image_size=96, min_count=5, img_size=64, batch_size=64, mae_steps=1600, wsp_steps=1200,
         eval_train_per_class=200, eval_val_per_class=100, eval_batch_size=100,
