@@ -131,6 +131,20 @@ def test_eval_short_rank_gets_empty_last_batch():
     assert batches_per_epoch(5, world_size=2, batch_size=2, drop_last=False) == 2
 
 
+@pytest.mark.parametrize("backend", ["webdataset", "dali"])
+def test_short_rank_yields_its_empty_last_batch(tiny_build, backend):
+    """60 samples on 7 ranks, batch 4, drop_last=False: ranks 0-3 hold 9 samples (4+4+1), ranks 4-6 hold 8
+    (4+4+an empty batch), so every rank yields 3 batches and none waits for the others at the end."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    sizes = {}
+    for rank in (0, 6):
+        loader = build_loader(cfg(tiny_build, "eval", backend=backend, drop_last=False), rank=rank, world_size=7)
+        sizes[rank] = [len(x) for x, _ in loader]
+        assert len(loader) == 3
+    assert sizes == {0: [4, 4, 1], 6: [4, 4, 0]}
+
+
 def test_epochs_shuffle_deterministically(tiny_build):
     a, b = build_loader(cfg(tiny_build)), build_loader(cfg(tiny_build))
     e0 = epoch_keys(a)
@@ -261,7 +275,7 @@ def test_dali_mixed_decoding_on_gpu(tiny_build):
         pytest.skip("needs CUDA")
     gpu = build_loader(cfg(tiny_build, "eval", backend="dali", dali_device="gpu", drop_last=False))
     cpu = build_loader(cfg(tiny_build, "eval", backend="webdataset", drop_last=False))
-    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+    for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
         assert xg.is_cuda and xg.dtype == torch.float32 and torch.equal(yg, yc)
         assert ((xg.cpu() - xc).abs() * 0.225 * 255).mean() < 2.0  # nvJPEG IDCT differs slightly
 

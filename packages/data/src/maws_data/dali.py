@@ -134,7 +134,7 @@ class DaliBatches:
                     yield Batch(i, self._to_torch(out), gids, skipped)
                     b = i + 1
                 else:
-                    b = len(plan)
+                    b = todo[-1] + 1  # trailing empty batches (drop_last=False) are yielded above
             finally:
                 del pipe
 

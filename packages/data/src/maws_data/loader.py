@@ -399,6 +399,9 @@ class ShardLoader:
             self.last_batch_keys = [self.table.keys[g] for g in batch.gids]
             self.position += 1
             yield batch.images, self.targets(batch.gids)
+        if self.position != self.batches_per_epoch:  # a short epoch on one rank hangs the others' collectives
+            raise RuntimeError(f"{self.backend} backend ended epoch {self.epoch} after {self.position} of "
+                               f"{self.batches_per_epoch} batches")
 
     def targets(self, gids: np.ndarray) -> torch.Tensor:
         if self.cfg.task == "wsp":
