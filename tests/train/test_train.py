@@ -123,7 +123,7 @@ def test_wsp_init_copies_the_mae_encoder_and_loss_falls(mae_run, tiny_build, tmp
     assert last < 0.95 * first, curve
 
 
-@pytest.mark.parametrize("problem", ["missing", "junk", "wrong_architecture"])
+@pytest.mark.parametrize("problem", ["missing", "junk", "wrong_architecture", "deeper"])
 def test_bad_wsp_init_is_a_clear_error_and_writes_nothing(tiny_build, tmp_path, problem):
     out = tmp_path / "wsp"
     if problem == "missing":
@@ -131,6 +131,9 @@ def test_bad_wsp_init_is_a_clear_error_and_writes_nothing(tiny_build, tmp_path, 
     elif problem == "junk":
         init, match = tmp_path / "junk.pth", "not a readable checkpoint"
         init.write_bytes(b"hello, not a checkpoint")
+    elif problem == "deeper":  # same width, one block more: every tensor of ours fits, one block is left over
+        export_encoder(build_encoder("mu", img_size=32, depth=3), tmp_path / "deep", variant="mu", img_size=32)
+        init, match = tmp_path / "deep", "does not match the model architecture"
     else:
         export_encoder(build_encoder("mu", img_size=32, embed_dim=128), tmp_path / "other", variant="mu", img_size=32)
         init, match = tmp_path / "other", "does not match the model architecture"

@@ -15,6 +15,7 @@ world size, so DDP's gradient mean equals the single-process gradient of the sam
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -39,12 +40,24 @@ def init_from(encoder: torch.nn.Module, path: str) -> dict:
     """
     state, dropped, source = checkpoint.read_init_encoder(path)
     report = checkpoint.load_into(encoder, state, source=str(source), strict=False)
+    if report["unexpected"]:  # encoder tensors with no place here: a deeper model, or other parts
+        raise checkpoint.CheckpointError(
+            f"--init {path}: {len(report['unexpected'])} encoder tensors have no counterpart in this encoder "
+            f"(e.g. {report['unexpected'][:5]}); it does not match the model architecture"
+        )
     if report["missing"] and len(report["loaded"]) < len(encoder.state_dict()) // 2:
         raise checkpoint.CheckpointError(
             f"--init {path}: only {len(report['loaded'])} of {len(encoder.state_dict())} encoder tensors found "
             f"(missing e.g. {report['missing'][:5]}); is this an encoder of the same architecture?"
         )
     return {"source": str(source), **report, "dropped": dropped}
+
+
+def init_summary(report: dict | None) -> dict | None:
+    """What config.json records of --init (a report from `init_from`, or one already summarised)."""
+    if report is None or isinstance(report.get("loaded"), int):
+        return report
+    return {k: report[k] for k in ("source", "missing", "dropped")} | {"loaded": len(report["loaded"])}
 
 
 def run(cfg: WSPConfig) -> Path:
@@ -104,11 +117,12 @@ def run(cfg: WSPConfig) -> Path:
         loader.load_state_dict(meta["loader"][d.rank])
         start_step, last_ckpt = int(meta["step"]), resume_dir
         distributed.print0(f"resumed from {resume_dir} at step {start_step}")
+        if cfg.init and (out / "config.json").exists():  # keep the first run's --init report
+            init_report = json.loads((out / "config.json").read_text()).get("derived", {}).get("init")
     resolved = {"kind": "wsp", **to_dict(cfg), "derived": {
         "world_size": d.world_size, "local_batch": local_batch, "lr": lr_peak, "total_steps": total_steps,
         "warmup_steps": warmup_steps, "batches_per_epoch": loader.batches_per_epoch, "num_classes": num_classes,
-        "init": None if init_report is None else {k: init_report[k] for k in ("source", "missing", "dropped")}
-        | {"loaded": len(init_report["loaded"])}}}
+        "init": init_summary(init_report)}}
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(out, resolved)
