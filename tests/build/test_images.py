@@ -70,6 +70,14 @@ def test_local_paths(real_paths, tmp_path):
     assert _skip_reason(load_image_bytes, str(real_paths[0]), base_dir=".", cfg=small_cap) == "too_large"
 
 
+def test_malformed_references_are_skipped_not_raised():
+    """References the OS or http.client reject outright: a row to skip, never an exception out of a worker."""
+    cfg = ImageConfig(timeout_s=0.5, retries=3)
+    assert _skip_reason(load_image_bytes, "http://127.0.0.1:abc/x.jpg", base_dir=".", cfg=cfg) == "download_failed"
+    assert _skip_reason(load_image_bytes, "http://[::1/x.jpg", base_dir=".", cfg=cfg) == "download_failed"
+    assert _skip_reason(load_image_bytes, "images/a\0b.jpg", base_dir=".", cfg=cfg) == "missing_path"
+
+
 def test_raw_bytes(real_jpeg):
     cfg = ImageConfig()
     assert load_image_bytes(real_jpeg, base_dir=".", cfg=cfg) == real_jpeg

@@ -128,8 +128,8 @@ def _read_local(ref: str, base_dir: str, cfg: ImageConfig) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise SkipSample("missing_path", f"{path}: no such file") from None
-    except OSError as e:
-        raise SkipSample("missing_path", f"{path}: cannot read ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (an embedded NUL byte)
+        raise SkipSample("missing_path", f"{path!r}: cannot read ({e})") from None
 
 
 class _RetryableError(Exception):
@@ -158,6 +158,8 @@ def download(url: str, cfg: ImageConfig) -> bytes:
             return _get_following_redirects(url, cfg)
         except _RetryableError as e:
             last = str(e)
+        except (ValueError, http.client.InvalidURL) as e:  # a malformed URL (bad port, bracket): no retry helps
+            raise SkipSample("download_failed", f"{url}: invalid URL ({e})") from None
     raise SkipSample("download_failed", f"{url}: {last} (after {cfg.retries + 1} attempts)")
 
 
