@@ -53,6 +53,7 @@ def test_cli_errors_exit_1(tiny_source, tiny_build, tmp_path):
     r = runner.invoke(app, tiny_args(tiny_source, tmp_path / "a", "--caption-column", "text"))
     assert r.exit_code == 1
     assert "missing column(s) ['text']" in r.output and str(tiny_source) in r.output
+    assert not (tmp_path / "a").exists()  # nothing claimed: the corrected command can use the same --out
     r = runner.invoke(app, tiny_args(tmp_path / "nope.parquet", tmp_path / "b"))
     assert r.exit_code == 1 and "no such file" in r.output
     r = runner.invoke(app, tiny_args(tiny_source, tmp_path / "c", "--stoplist", str(tmp_path / "missing.txt")))

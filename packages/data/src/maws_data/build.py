@@ -142,10 +142,10 @@ def build(cfg: BuildConfig) -> Path:
     decoder = choose_decoder(cfg.image_config(cfg.decoder))
     resolved = {**dataclasses.asdict(cfg), "decoder": decoder}
     fingerprint = _fingerprint(resolved, inputs)
+    df = read_source(src)  # a missing column fails here, before --out is claimed for this config
     _prepare_out(out, fingerprint, resolved, inputs, overwrite=cfg.overwrite)
 
     # Pass 1: text.
-    df = read_source(src)
     plan = plan_rows(df)
     tags = _map_tags(plan, cfg)
     row_tags = plan.select("row", "hashtags")
