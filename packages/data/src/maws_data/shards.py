@@ -136,8 +136,9 @@ def write_shard(task: ShardTask) -> dict:
         os.fsync(f.fileno())
     skipped.sort(key=lambda s: s["row"])
     if samples:
-        atomic_write_text(idx_path, dali_index(tmp_tar))
-        os.replace(tmp_tar, tar_path)
+        index = dali_index(tmp_tar)
+        os.replace(tmp_tar, tar_path)  # the tar first: an index never names a tar that is not there yet
+        atomic_write_text(idx_path, index)
         digest, size, name = sha256_file(tar_path), tar_path.stat().st_size, tar_path.name
     else:
         tmp_tar.unlink()
