@@ -36,7 +36,8 @@ def test_every_option_has_help():
     build_opts = {o for p in group.commands["build"].params for o in p.opts}
     assert build_opts >= {"--source", "--out", "--image-size", "--shard-size", "--min-count", "--max-classes",
                           "--processes", "--runner", "--decoder", "--key-column", "--image-column",
-                          "--caption-column", "--stoplist", "--overwrite"}
+                          "--caption-column", "--stoplist", "--overwrite", "--ambiguity", "--segmentation",
+                          "--max-download-mb", "--max-pixels"}
     result = runner.invoke(app, ["build", "--help"])
     assert result.exit_code == 0 and "--shard-size" in result.output and "resumes" in result.output
 
@@ -47,6 +48,24 @@ def test_cli_build_equals_python_build(tiny_source, tiny_build, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.strip().endswith(str(out))
     assert digests(out) == digests(tiny_build)  # same config via the CLI: identical bytes, manifest included
+
+
+def test_cli_stoplist_max_classes_and_ambiguity_reach_the_build(tiny_source, tmp_path):
+    """A user stop list replaces the built-in one; --max-classes caps the vocabulary; the choices land in the
+    manifest's config. The tiny build's top class is animal.n.01 (#animals, #animal, ...)."""
+    stop = tmp_path / "stop.txt"
+    stop.write_text("# my own list\n#animals\nanimal\n", encoding="utf-8")
+    out = tmp_path / "capped"
+    r = runner.invoke(app, tiny_args(tiny_source, out, "--stoplist", str(stop), "--max-classes", "3",
+                                     "--ambiguity", "skip"))
+    assert r.exit_code == 0, r.output
+    rows = [line.split("\t") for line in (out / "vocabulary.tsv").read_text().splitlines()[1:]]
+    assert [row[0] for row in rows] == ["0", "1", "2"] and "n00015388" not in [row[1] for row in rows]
+    rules = {line.split("\t")[0]: line.split("\t")[3] for line in (out / "hashtag_map.tsv").read_text().splitlines()[1:]}
+    assert rules["animals"] == rules["animal"] == "stopword"
+    assert rules["cute"] != "stopword"  # the built-in list (which has #cute) was replaced, not extended
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["ambiguity"], config["max_classes"], config["segmentation"]) == ("skip", 3, True)
 
 
 def test_cli_errors_exit_1(tiny_source, tiny_build, tmp_path):

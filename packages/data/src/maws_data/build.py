@@ -90,10 +90,13 @@ class BuildConfig:
     min_count: int = 10  # keep synsets with at least this many images
     max_classes: int | None = None  # and at most this many (most frequent first)
     stoplist: str | None = None  # file of hashtags to ignore (one per line); None = built-in list
+    ambiguity: Literal["most_frequent", "all", "skip"] = "most_frequent"  # lemmas with several noun senses
+    segmentation: bool = True  # wordsegment as the last mapping rule
     decoder: Literal["auto", "pil", "dali"] = "auto"
     timeout_s: float = 10.0  # per image download attempt
     retries: int = 2  # download retries
-    max_download_bytes: int = 20 << 20
+    max_download_bytes: int = 20 << 20  # also the cap on a local file's size
+    max_pixels: int = 89_478_485  # larger images are skipped (decompression bombs); Pillow's own limit
     processes: int = 0  # worker processes for the local runner; 0 = all cores
     threads: int = 16  # image load/decode threads per worker (overlap downloads with decoding)
     runner: Literal["local", "ray"] = "local"
@@ -123,7 +126,8 @@ class BuildConfig:
 
     def image_config(self, decoder: str) -> ImageConfig:
         return ImageConfig(image_size=self.image_size, jpeg_quality=self.jpeg_quality,
-                           max_download_bytes=self.max_download_bytes, timeout_s=self.timeout_s,
+                           max_download_bytes=self.max_download_bytes, max_pixels=self.max_pixels,
+                           timeout_s=self.timeout_s,
                            retries=self.retries, decoder=decoder)  # type: ignore[arg-type]
 
 
@@ -285,7 +289,8 @@ def safe_key(key: str, row: int, used: set[str]) -> str:
 def _map_tags(plan: pl.DataFrame, cfg: BuildConfig) -> pl.DataFrame:
     """Map every distinct hashtag once: hashtag, wnids (list), rule."""
     distinct = sorted(set(plan["hashtags"].explode().drop_nulls().to_list()))
-    mapper = HashtagMapper(MappingConfig(stoplist_path=cfg.stoplist))
+    mapper = HashtagMapper(MappingConfig(stoplist_path=cfg.stoplist, ambiguity=cfg.ambiguity,
+                                         use_segmentation=cfg.segmentation))
     wnids, rules = {}, {}
     for tag in distinct:
         w, rule = mapper.explain(tag)

@@ -23,6 +23,12 @@ class Runner(str, Enum):
     ray = "ray"
 
 
+class Ambiguity(str, Enum):
+    most_frequent = "most_frequent"
+    all = "all"
+    skip = "skip"
+
+
 class Decoder(str, Enum):
     auto = "auto"
     pil = "pil"
@@ -55,6 +61,15 @@ def build(
     caption_column: Annotated[str, typer.Option(help="Name of the caption column.")] = "caption",
     stoplist: Annotated[Path | None, typer.Option(help="File of hashtags to ignore, one per line, replacing the "
                                                           "built-in stop list of generic tags (#instagood, ...).")] = None,
+    ambiguity: Annotated[Ambiguity, typer.Option(help="A hashtag whose lemma has several noun senses: "
+                                                      "most_frequent (WordNet's first sense), all (every sense), "
+                                                      "skip (left unmapped).")] = Ambiguity.most_frequent,
+    segmentation: Annotated[bool, typer.Option(help="Split run-together tags into words (wordsegment) as the "
+                                                    "last mapping rule (~1 ms per unmapped distinct tag).")] = True,
+    max_download_mb: Annotated[float, typer.Option(help="Largest image file or download accepted, in MiB; "
+                                                        "larger ones are skipped as too_large.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are skipped as too_large "
+                                                 "(decompression bombs).")] = 89_478_485,
     timeout: Annotated[float, typer.Option(help="Seconds per image download attempt.")] = 10.0,
     retries: Annotated[int, typer.Option(help="Download retries after a timeout, connection error or 5xx.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing build in --out made from another input or "
@@ -71,7 +86,9 @@ def build(
         cfg = BuildConfig(source=str(source), out=str(out), key_column=key_column, image_column=image_column,
                           caption_column=caption_column, image_size=image_size, jpeg_quality=jpeg_quality,
                           shard_size=shard_size, min_count=min_count, max_classes=max_classes,
-                          stoplist=str(stoplist) if stoplist else None, decoder=decoder.value, timeout_s=timeout,
+                          stoplist=str(stoplist) if stoplist else None, ambiguity=ambiguity.value,
+                          segmentation=segmentation, max_download_bytes=int(max_download_mb * (1 << 20)),
+                          max_pixels=max_pixels, decoder=decoder.value, timeout_s=timeout,
                           retries=retries, processes=processes, threads=threads, runner=runner.value, ray_address=ray_address,
                           overwrite=overwrite, progress=progress)
         if stoplist is not None and not stoplist.is_file():
