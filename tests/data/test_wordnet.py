@@ -48,7 +48,11 @@ def mapper(wn_env):
         ("sunset_beach", ["n09217230"], "split"),  # head noun: beach.n.01
         ("GoldenRetriever", ["n02099601"], "split"),  # CamelCase, when given un-casefolded
         ("sunsetbeach", ["n09217230"], "segment"),
-        ("dogsofinstagram", ["n02084071"], "segment"),  # "X of Y" -> X
+        ("dogsofinstagram", ["n02084071"], "suffix"),  # -instagram off, then "dogs|of" -> "X of Y" -> X
+        ("catsofnewyork", ["n02121620"], "segment"),  # "X of Y" -> X
+        ("petstagram", ["n01318894"], "suffix"),  # pet.n.01 (segmentation alone read pets|tag|ram -> RAM)
+        ("catsagram", ["n02121620"], "suffix"),  # cat.n.01 (segmentation alone: cats|a|gram -> the unit)
+        ("diagram", ["n03186399"], "lemma"),  # a real word ending in -gram is a lemma first
         ("foodporn", ["n00021265"], "segment"),  # trailing filler dropped -> food.n.01
         ("café", ["n02935658"], "lemma"),  # accents folded: cafe.n.01
         ("instagood", [], "stopword"),

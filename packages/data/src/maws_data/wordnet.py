@@ -9,10 +9,13 @@ Each distinct hashtag is mapped once (cached) by the first rule that gives a nou
                split it: `golden_retriever` -> golden_retriever.n.01, `sunset2019` -> sunset.n.01.
 5. `concat`    it is a multi-word lemma written without separators: `goldenretriever` ->
                golden_retriever.n.01, `ursusarctos` -> brown_bear.n.01 (index built once).
-6. `segment`   `wordsegment` splits it into words as a last resort: `sunsetbeach` -> beach.n.01.
-7. `unmapped`  none of the above (`ambiguous` under the "skip" policy).
+6. `suffix`    an Instagram suffix (`-stagram`, `-sagram`, `-gram`) comes off and the rest maps by
+               rules 2-7: `petstagram` -> pet.n.01, `kittygram` -> kitty.n.01 (word segmentation
+               would read `pets|tag|ram` -> RAM, `kitty|gram` -> the unit of mass).
+7. `segment`   `wordsegment` splits it into words as a last resort: `sunsetbeach` -> beach.n.01.
+8. `unmapped`  none of the above (`ambiguous` under the "skip" policy).
 
-For rules 4 and 6 the words are reduced to their head noun phrase: words from the first preposition
+For rules 4 and 7 the words are reduced to their head noun phrase: words from the first preposition
 on are dropped (`dogs|of|insta|gram` -> `dogs`: an "X of Y" compound is about X), then the longest
 run of trailing words that is a noun lemma wins (`my|golden|retriever` -> golden_retriever, else
 `sunset|beach` -> beach): English compounds are head-final.
@@ -38,7 +41,11 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import polars as pl
 
-Rule = Literal["lemma", "morphy", "split", "concat", "segment", "stopword", "ambiguous", "unmapped"]
+Rule = Literal["lemma", "morphy", "split", "concat", "suffix", "segment", "stopword", "ambiguous", "unmapped"]
+
+# Suffixes Instagram users glue onto a subject (longest first): #petstagram, #catsagram, #kittygram.
+# Only tags that are not WordNet lemmas themselves reach this rule, so diagram, telegram, kilogram stay.
+INSTAGRAM_SUFFIXES = ("instagram", "stagram", "sagram", "gram")
 
 # Instagram/Twitter filler: engagement bait, app and filter names, dates, moods and generic praise
 # that say nothing about what is in the picture. The most frequent ones in harrison_tags.txt and the
@@ -70,7 +77,7 @@ goodnight goodvibes vibes mood blessed motivation inspiration quote
 quotes truth bored tired sexy hot pretty sweet yum yummy memory
 memories moment moments art
 # photo-style suffixes: foodporn, earthporn are pictures OF food, earth (dropped as a trailing
-# word by rules 4 and 6); black-and-white is a photo style (WordNet sense 1 is "in writing")
+# word by rules 4 and 7); black-and-white is a photo style (WordNet sense 1 is "in writing")
 porn blackandwhite bnw bw
 """
 DEFAULT_STOPWORDS: tuple[str, ...] = tuple(
@@ -115,7 +122,7 @@ class MappingConfig:
     use_segmentation: run wordsegment as the last rule (about 1 ms per unmapped distinct tag).
     min_length: shorter tags are left unmapped (two-letter tags are mostly abbreviations WordNet
         reads otherwise: "la" -> Louisiana, "tb" -> tuberculosis); also the shortest head word
-        that rules 4 and 6 accept.
+        that rules 4 and 7 accept.
     max_segments: segmentations into more words are rejected as noise.
     """
 
@@ -308,6 +315,12 @@ class HashtagMapper:
             lemma = self._concat(tag)
             if lemma:
                 return lemma, "concat"
+            for suffix in INSTAGRAM_SUFFIXES:
+                rest = tag.removesuffix(suffix)
+                if rest != tag and len(rest) >= self.cfg.min_length and rest not in self._stop:
+                    found = self._rules(rest, None)
+                    if found:
+                        return found[0], "suffix"
             if self.cfg.use_segmentation and tag.isascii():
                 words = self._segment_words(tag)
                 if 1 < len(words) <= self.cfg.max_segments:
