@@ -285,12 +285,18 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--eval-data", type=Path, required=True, help="ImageFolder tree with train/ and val/")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--out", type=Path, default=Path("runs/pipeline"))
+    ap.add_argument("--seed", type=int, default=None,
+                    help="training seed (MAE, WSP, random init, row sample); default: the preset's (0). "
+                         "Evaluation seeds are the protocols' own, so runs with other --seed differ in training only")
     args = ap.parse_args(argv)
     for path in (args.captions, args.eval_data):
         if not path.exists():
             raise SystemExit(f"{path} does not exist")
+    preset = PRESETS[args.preset]
+    if args.seed is not None:
+        preset = dataclasses.replace(preset, seed=args.seed)
     return Pipeline(captions=args.captions, eval_data=args.eval_data, out=args.out, preset_name=args.preset,
-                    preset=PRESETS[args.preset]).run()
+                    preset=preset).run()
 
 
 if __name__ == "__main__":
