@@ -70,3 +70,27 @@ def test_report_errors_name_the_problem(tmp_path):
     _write_results(tmp_path / "results")
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         write_report([tmp_path / "results"], out_dir=tmp_path / "r", run_dirs=[tmp_path])
+
+
+def test_across_runs_gives_mean_and_std_over_training_runs(tmp_path):
+    """Three result folders (the pipeline at --seed 0, 1, 2) with known kNN numbers for MAE: 50, 60, 70 %."""
+    import shutil
+
+    first = tmp_path / "seed0"
+    _write_results(first)
+    folders = [first, tmp_path / "seed1", tmp_path / "seed2"]
+    for i, folder in enumerate(folders):
+        if i:
+            shutil.copytree(first, folder)
+        path = next(folder.glob("MAE.toy.knn.json"))
+        rec = json.loads(path.read_text())
+        rec.update(value=0.5 + 0.1 * i, values=[0.5 + 0.1 * i], command=f"maws-eval all MAE --run {i}")
+        path.write_text(json.dumps(rec))
+    combined = write_report(folders, out_dir=tmp_path / "combined", across_runs=True)["datasets"]["toy"]["table"]
+    knn_cell = combined["MAE"]["knn"]
+    assert knn_cell["value"] == pytest.approx(0.6) and knn_cell["std"] == pytest.approx(0.1) and knn_cell["n"] == 3
+    assert combined["WSP"]["knn"]["std"] == 0.0  # identical copies: no spread
+    md = (tmp_path / "combined" / "report.md").read_text()
+    assert "over training runs" in md and all(f"maws-eval all MAE --run {i}" in md for i in range(3))
+    last_wins = write_report(folders, out_dir=tmp_path / "plain")["datasets"]["toy"]["table"]
+    assert last_wins["MAE"]["knn"]["value"] == pytest.approx(0.7) and last_wins["MAE"]["knn"]["n"] == 1

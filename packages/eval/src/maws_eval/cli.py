@@ -105,12 +105,16 @@ def report(
     out: Annotated[Path, typer.Option("--out", help="report directory")],
     runs: Annotated[list[Path], typer.Option("--runs", help="training run dir with metrics.jsonl (repeatable)")] = [],  # noqa: B006
     order: Annotated[str | None, typer.Option(help="comma-separated encoder order for tables and plots")] = None,
+    across_runs: Annotated[bool, typer.Option(help="combine results of the same encoder name from different files "
+                                                   "(e.g. the pipeline with --seed 0/1/2): mean ± std over those "
+                                                   "runs, instead of the last file winning")] = False,
 ) -> None:
     """report.md + report.json + PNG plots (bars per protocol, few-shot curves, loss curves)."""
     from maws_eval.report import write_report
 
     try:
-        write_report(results, out_dir=out, run_dirs=runs, encoder_order=order.split(",") if order else ())
+        write_report(results, out_dir=out, run_dirs=runs, encoder_order=order.split(",") if order else (),
+                     across_runs=across_runs)
     except (ValueError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

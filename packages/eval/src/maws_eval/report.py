@@ -2,7 +2,10 @@
 
 It only aggregates. One table per eval dataset: rows are encoders (in the order first given),
 columns are protocols (linear, knn, fewshot-1shot, fewshot-5shot, …, finetune); each cell is
-mean ± std over seeds in percent. Plots (matplotlib, Agg backend, no display needed):
+mean ± std over seeds in percent. With `across_runs`, results of the same encoder name from several
+result files (e.g. the pipeline repeated with `--seed 0/1/2`) are combined instead of the last one
+winning: the cell is the mean ± sample std over those runs of each run's own mean, so the spread is
+over training runs. Plots (matplotlib, Agg backend, no display needed):
   bars-<dataset>.png    one panel per protocol, a bar per encoder with ±std error bars (Figure 1 style)
   fewshot-<dataset>.png top-1 over shots per encoder with ±std error bars
   losses.png            each run's training loss over steps (one panel per run: MAE pixel MSE and
@@ -30,9 +33,20 @@ COLORS = ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c
 class Cell:
     value: float
     std: float | None
-    n: int
-    command: str
-    file: str
+    n: int             # seeds behind the number (evaluation seeds, or training runs with across_runs)
+    command: str       # the command(s) that produced it, one per line
+    file: str          # the result file(s), one per line
+
+
+def combine_runs(cells: list[Cell]) -> Cell:
+    """One cell from the same measurement in several training runs: mean ± sample std of their means."""
+    if len(cells) == 1:
+        return cells[0]
+    values = [c.value for c in cells]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    commands = "\n".join(dict.fromkeys(c.command for c in cells))
+    return Cell(value=mean, std=std, n=len(cells), command=commands, file="\n".join(c.file for c in cells))
 
 
 def column(record: dict[str, Any]) -> str:
@@ -45,11 +59,14 @@ def _column_order(col: str) -> tuple[int, int, str]:
     return rank, int(shots.removesuffix("shot")) if shots else 0, col
 
 
-def build_tables(records: list[dict[str, Any]], encoder_order: Sequence[str] = ()) -> dict[str, Any]:
+def build_tables(records: list[dict[str, Any]], encoder_order: Sequence[str] = (), *,
+                 across_runs: bool = False) -> dict[str, Any]:
     """{dataset: {"encoders": [...], "columns": [...], "num_classes", "cells": {enc: {col: Cell}}}}.
 
-    A later result for the same (dataset, encoder, column) replaces an earlier one (re-runs win).
+    A later result for the same (dataset, encoder, column) replaces an earlier one (re-runs win),
+    unless `across_runs`: then results from different files are combined (`combine_runs`).
     """
+    runs: dict[tuple[str, str, str], list[Cell]] = defaultdict(list)
     tables: dict[str, Any] = {}
     for rec in records:
         t = tables.setdefault(
@@ -60,10 +77,12 @@ def build_tables(records: list[dict[str, Any]], encoder_order: Sequence[str] = (
             t["encoders"].append(enc)
         if col not in t["columns"]:
             t["columns"].append(col)
-        t["cells"][enc][col] = Cell(
+        cell = Cell(
             value=rec["value"], std=rec.get("std"), n=max(1, len(rec.get("values") or [rec["value"]])),
             command=rec.get("command", ""), file=rec.get("_file", ""),
         )
+        runs[rec["dataset"], enc, col].append(cell)
+        t["cells"][enc][col] = combine_runs(runs[rec["dataset"], enc, col]) if across_runs else cell
         t["info"] = {k: rec.get(k) for k in ("num_train", "num_val", "num_classes", "dataset_path")}
     for t in tables.values():
         given = [e for e in encoder_order if e in t["encoders"]]
@@ -192,9 +211,12 @@ def plot_losses(runs: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[str]) -> str:
+def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[str], *,
+              across_runs: bool = False) -> str:
     lines = ["# MAWS evaluation report", ""]
-    lines += [("Top-1 accuracy (%) on the val split; `mean ± std` is over seeds (sample std), a bare number is "
+    spread = ("over training runs (the mean of each run's own number)" if across_runs else
+              "over evaluation seeds")
+    lines += [(f"Top-1 accuracy (%) on the val split; `mean ± std` is {spread} (sample std), a bare number is "
                "a single run. Protocols: see docs/eval.md."), ""]
     for dataset, t in tables.items():
         info = t["info"]
@@ -226,8 +248,8 @@ def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[st
     for dataset, t in tables.items():
         for enc in t["encoders"]:
             for col in t["columns"]:
-                if (c := t["cells"][enc].get(col)) and c.command:
-                    produced.setdefault(c.command, []).append(f"{dataset}/{enc}/{col}")
+                for command in (c.command.splitlines() if (c := t["cells"][enc].get(col)) else []):
+                    produced.setdefault(command, []).append(f"{dataset}/{enc}/{col}")
     for command, cells in produced.items():
         lines += [f"- {len(cells)} cells ({', '.join(sorted({c.split('/')[1] for c in cells}))}):", "",
                   "  ```", f"  {command}", "  ```", ""]
@@ -236,7 +258,8 @@ def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[st
 
 
 def write_report(
-    result_paths: Sequence[Path], *, out_dir: Path, run_dirs: Sequence[Path] = (), encoder_order: Sequence[str] = ()
+    result_paths: Sequence[Path], *, out_dir: Path, run_dirs: Sequence[Path] = (), encoder_order: Sequence[str] = (),
+    across_runs: bool = False,
 ) -> dict[str, Any]:
     """Write report.md, report.json and the plots into out_dir; return the report.json content."""
     records = load_results(list(result_paths))
@@ -244,7 +267,7 @@ def write_report(
         raise ValueError(f"no result files found in {[str(p) for p in result_paths]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(records, encoder_order)
+    tables = build_tables(records, encoder_order, across_runs=across_runs)
     runs = [read_run(Path(d)) for d in run_dirs]
     plots: list[str] = []
     for dataset, t in tables.items():
@@ -271,7 +294,7 @@ def write_report(
     }
     report = _json_ready(report)
     write_json_atomic(report, out_dir / "report.json")
-    md = _markdown(tables, runs, plots)
+    md = _markdown(tables, runs, plots, across_runs=across_runs)
     tmp = out_dir / ".report.md.tmp"
     tmp.write_text(md)
     tmp.replace(out_dir / "report.md")
