@@ -34,6 +34,17 @@ RANDOM = _features(separation=0.0)  # labels independent of features
 CHANCE = 1.0 / NUM_CLASSES
 
 
+def test_linear_probe_picks_l2_on_train_only():
+    """Shuffling the val labels must not change the L2 chosen (nor the holdout curve): val only scores."""
+    feats = _features(separation=0.7)
+    perm = torch.randperm(len(feats.y_val), generator=torch.Generator().manual_seed(0))
+    shuffled = FeatureSet(feats.x_train, feats.y_train, feats.x_val, feats.y_val[perm], classes=feats.classes)
+    cfg = LinearConfig(l2_grid=(1e-4, 1e-2, 1.0, 100.0), seeds=(0, 1))
+    a, b = linear_probe.run(feats, cfg)[0], linear_probe.run(shuffled, cfg)[0]
+    assert a.extra["chosen_l2"] == b.extra["chosen_l2"] and a.extra["holdout_top1"] == b.extra["holdout_top1"]
+    assert a.value > b.value + 0.2  # the val labels do matter for the score itself
+
+
 def test_linear_probe_separable_and_random():
     m = linear_probe.run(SEPARABLE, LinearConfig(l2_grid=(1e-4, 1e-2)))[0]
     assert m.protocol == "linear" and m.value >= 0.99

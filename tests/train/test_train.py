@@ -149,6 +149,24 @@ def test_bad_wsp_init_is_a_clear_error_and_writes_nothing(tiny_build, tmp_path, 
     assert result.exit_code == 2 and match in result.output and not out.exists()
 
 
+def test_interrupted_wsp_run_resumes_to_the_same_weights(tiny_build, tmp_path, capsys):
+    """WSP resume: drop the checkpoints after step 10 (as if killed there) and rerun: the final weights,
+    optimizer schedule and loader position continue exactly, so the result equals the uninterrupted run."""
+    import shutil
+
+    sets = ("run.steps=20", "run.ckpt_every=10", "run.keep_ckpts=0")
+    whole = wsp.run(wsp_cfg(tiny_build, tmp_path / "whole", *sets))
+    cut = wsp.run(wsp_cfg(tiny_build, tmp_path / "cut", *sets))
+    shutil.rmtree(cut / "ckpt" / "step_000020")
+    (cut / "encoder.safetensors").unlink()
+    capsys.readouterr()
+    resumed = wsp.run(wsp_cfg(tiny_build, tmp_path / "cut", *sets))
+    assert "at step 10" in capsys.readouterr().out  # resumed, not retrained from step 0
+    a, b = load_file(str(whole / "encoder.safetensors")), load_file(str(resumed / "encoder.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(whole) == losses(resumed)
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_build, tmp_path):
     out = tmp_path / "nan"
     mae.run(mae_cfg(tiny_build, out, "run.steps=4", "run.ckpt_every=2"))
