@@ -214,9 +214,9 @@ def plot_losses(runs: list[dict[str, Any]], path: Path) -> Path | None:
 def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[str], *,
               across_runs: bool = False) -> str:
     lines = ["# MAWS evaluation report", ""]
-    spread = ("over training runs (the mean of each run's own number)" if across_runs else
-              "over evaluation seeds")
-    lines += [(f"Top-1 accuracy (%) on the val split; `mean ± std` is {spread} (sample std), a bare number is "
+    spread = ("the mean and sample std over training runs of each run's own number" if across_runs else
+              "the mean and sample std over evaluation seeds")
+    lines += [(f"Top-1 accuracy (%) on the val split; `mean ± std` is {spread}, a bare number is "
                "a single run. Protocols: see docs/eval.md."), ""]
     for dataset, t in tables.items():
         info = t["info"]
