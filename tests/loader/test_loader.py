@@ -55,7 +55,7 @@ def test_targets_match_shard_json(tiny_build):
     truth = shard_json(tiny_build)
     vocab_rows = (tiny_build / "vocabulary.tsv").read_text().splitlines()[1:]
     wsp = build_loader(cfg(tiny_build, "wsp"))
-    assert wsp.num_classes == len(vocab_rows) == 84
+    assert wsp.num_classes == len(vocab_rows) == 82
     labeled = [k for k, j in truth.items() if j["labels"]]
     assert len(wsp.pool) == len(labeled) == 58  # wsp leaves out the 2 unlabeled photos
     seen = 0
@@ -102,7 +102,7 @@ def test_one_shard_more_workers_than_shards(tiny_build):
     """A glob naming one shard, 2 ranks x 3 workers: works (random access), 12 samples -> 1 batch of 4 each."""
     spec = str(tiny_build / "shards" / "shard-000003.tar")
     loaders = [build_loader(cfg(spec, "wsp", num_workers=3), rank=r, world_size=2) for r in range(2)]
-    assert loaders[0].num_classes == 84  # vocabulary.tsv found beside shards/
+    assert loaders[0].num_classes == 82  # vocabulary.tsv found beside shards/
     batches = [epoch_keys(lo) for lo in loaders]
     assert [len(b) for b in batches] == [1, 1]
     assert not set(batches[0][0]) & set(batches[1][0])
