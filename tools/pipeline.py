@@ -19,8 +19,8 @@ A stage is skipped when its output is complete (manifest.json, encoder.json, the
 OUT/stages/), so re-running the same command is a no-op and an interrupted run continues where it
 stopped (training itself resumes from its last checkpoint).
 
-Presets: `test` (CI-sized, ~1-2 min on 2 cores), `tiny` (2 CPU cores, a few minutes), `cpu` (the
-largest run that fits ~20 min on 2 shared cores), `gpu_s16` / `gpu_b16` (one GPU).
+Presets: `test` (a smoke run, ~1 min on 2 cores), `tiny` (the quickstart and the test suite, 2-3 min), `cpu` (the
+experiment: ~7 min on 2 idle cores per seed), `gpu_s16` / `gpu_b16` (one GPU).
 """
 
 from __future__ import annotations
@@ -64,20 +64,20 @@ class PipelinePreset:
 
 
 PRESETS: dict[str, PipelinePreset] = {
-    # CI: end to end in the test suite; numbers are meaningless, every stage runs for real
+    # a smoke run in about a minute; numbers are meaningless, every stage runs for real
     "test": PipelinePreset(
         rows=120, image_size=40, min_count=3, max_classes=20, mae_steps=6, wsp_steps=6, batch_size=8,
         eval_train_per_class=10, eval_val_per_class=4, eval_batch_size=50,
         eval_sets=("fewshot.shots=1,5", "fewshot.seeds=0,1,2", "linear.l2_grid=0.001,0.1", "linear.max_iter=50",
                    "finetune.steps=4", "finetune.batch_size=8"),
     ),
-    # 2 CPU cores, a few minutes
+    # the quickstart and the test suite: 2 CPU cores, 2-3 minutes
     "tiny": PipelinePreset(
         rows=0, image_size=64, min_count=5, mae_steps=150, wsp_steps=150, batch_size=32,
         eval_train_per_class=60, eval_val_per_class=40,
         eval_sets=("finetune.steps=60", "finetune.batch_size=32"),
     ),
-    # the largest experiment ~20 min of 2 shared CPU cores affords (docs/eval.md has its table)
+    # the CPU experiment: ~7 min per seed on 2 idle cores, ~20 min when shared (docs/eval.md has its table)
     "cpu": PipelinePreset(
         rows=0, image_size=96, min_count=5, img_size=64, batch_size=64, mae_steps=1600, wsp_steps=1200,
         eval_train_per_class=200, eval_val_per_class=100, eval_batch_size=100,
