@@ -9,8 +9,8 @@ from maws_data.transforms import (
     CROP_RATIO,
     GEOMETRY_DRAWS,
     batch_geometry,
-    eval_box,
     eval_boxes,
+    eval_resize_size,
     random_resized_crop_boxes,
     sample_uniforms,
 )
@@ -34,10 +34,22 @@ def test_uniforms_look_uniform_and_independent():
     assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.01                   # draws of one sample
 
 
+def reference_eval_box(width: int, height: int, image_size: int) -> tuple[float, ...]:
+    """torchvision Resize(shorter side) + CenterCrop written out in plain Python, one image."""
+    short = eval_resize_size(image_size)
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    left, top = round((new_w - image_size) / 2.0), round((new_h - image_size) / 2.0)
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy
+
+
 @pytest.mark.parametrize("size", [(256, 341), (341, 256), (256, 256), (64, 900), (1000, 3), (227, 229)])
-def test_eval_boxes_equal_the_scalar_eval_box(size):
+def test_eval_boxes_equal_torchvision_resize_then_centre_crop(size):
     boxes = eval_boxes(np.array([size[0]]), np.array([size[1]]), 224)
-    assert boxes[0].tolist() == list(eval_box(*size, 224))
+    assert boxes[0].tolist() == list(reference_eval_box(*size, 224))
 
 
 def test_random_crops_fit_and_follow_the_recipe():

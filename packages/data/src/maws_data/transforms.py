@@ -54,35 +54,11 @@ def eval_resize_size(image_size: int) -> int:
     return round(image_size / EVAL_CROP_PCT)
 
 
-def eval_box(width: int, height: int, image_size: int) -> tuple[float, float, float, float]:
-    """Source-pixel box of "resize shorter side to eval_resize_size, centre crop image_size".
-
-    Integer rounding follows torchvision Resize + CenterCrop, so one `resize(box=...)` gives the
-    same pixels as the two-step version (Pillow takes filter support from outside the box).
-    """
-    short = eval_resize_size(image_size)
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
-    left = round((new_w - image_size) / 2.0)
-    top = round((new_h - image_size) / 2.0)
-    sx, sy = width / new_w, height / new_h
-    return left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy
-
-
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on uint64 arrays: a bijective, well-mixing 64-bit hash (wraps by design)."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
-
-
-def _mix64_int(x: int) -> int:
-    x &= _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
 
 
 def sample_uniforms(seed: int, epoch: int, gids: np.ndarray, draws: int) -> np.ndarray:
@@ -92,16 +68,22 @@ def sample_uniforms(seed: int, epoch: int, gids: np.ndarray, draws: int) -> np.n
     numbers in whatever batch, worker, backend or resumed run it is drawn, and a batch costs a few
     vectorised operations.
     """
-    key = _mix64_int(_mix64_int(seed + _GOLDEN) + (epoch + 1) * _GOLDEN)
     counters = (np.asarray(gids, np.uint64)[:, None] * np.uint64(draws)
                 + np.arange(draws, dtype=np.uint64)[None, :])
     with np.errstate(over="ignore"):
-        bits = _mix64(counters * np.uint64(_GOLDEN) + np.uint64(key))
+        key = _mix64(np.array([(seed + _GOLDEN) & _M64], np.uint64))
+        key = _mix64(key + np.uint64((epoch + 1) * _GOLDEN & _M64))
+        bits = _mix64(counters * np.uint64(_GOLDEN) + key)
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def eval_boxes(widths: np.ndarray, heights: np.ndarray, image_size: int) -> np.ndarray:
-    """`eval_box` for arrays of sizes: (N, 4) left, top, right, bottom (same float operations)."""
+    """Source-pixel boxes (N, 4: left, top, right, bottom) of "resize the shorter side to
+    eval_resize_size, centre crop image_size".
+
+    Integer rounding follows torchvision Resize + CenterCrop, so one `resize(box=...)` gives the
+    same pixels as the two-step version (Pillow takes filter support from outside the box).
+    """
     w, h = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
     short = eval_resize_size(image_size)
     portrait = w <= h

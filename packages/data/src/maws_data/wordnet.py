@@ -9,9 +9,9 @@ Each distinct hashtag is mapped once (cached) by the first rule that gives a nou
                split it: `golden_retriever` -> golden_retriever.n.01, `sunset2019` -> sunset.n.01.
 5. `concat`    it is a multi-word lemma written without separators: `goldenretriever` ->
                golden_retriever.n.01, `ursusarctos` -> brown_bear.n.01 (index built once).
-6. `suffix`    an Instagram suffix (`-stagram`, `-sagram`, `-gram`) comes off and the rest maps by
-               rules 2-7: `petstagram` -> pet.n.01, `kittygram` -> kitty.n.01 (word segmentation
-               would read `pets|tag|ram` -> RAM, `kitty|gram` -> the unit of mass).
+6. `suffix`    an Instagram suffix (`-instagram`, `-stagram`, `-sagram`, `-gram`) comes off and the rest
+               maps by rules 2-7: `petstagram` -> pet.n.01, `catsagram` -> cat.n.01 (word segmentation
+               would read `pets|tag|ram` -> RAM, `cats|a|gram` -> the unit of mass).
 7. `segment`   `wordsegment` splits it into words as a last resort: `sunsetbeach` -> beach.n.01.
 8. `unmapped`  none of the above (`ambiguous` under the "skip" policy).
 

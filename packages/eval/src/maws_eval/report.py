@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from maws_eval.config import PROTOCOLS
-from maws_eval.metrics import format_value
+from maws_eval.metrics import format_value, mean_std
 from maws_eval.protocol import load_results, slug, write_json_atomic
 
 COLORS = ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
@@ -42,9 +42,7 @@ def combine_runs(cells: list[Cell]) -> Cell:
     """One cell from the same measurement in several training runs: mean ± sample std of their means."""
     if len(cells) == 1:
         return cells[0]
-    values = [c.value for c in cells]
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    mean, std = mean_std([c.value for c in cells])
     commands = "\n".join(dict.fromkeys(c.command for c in cells))
     return Cell(value=mean, std=std, n=len(cells), command=commands, file="\n".join(c.file for c in cells))
 
