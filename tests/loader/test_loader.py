@@ -182,6 +182,62 @@ def test_resume_mid_epoch(tiny_build, backend):
     assert (resumed.state_dict()["epoch"], resumed.state_dict()["batches"]) == (3, 0)
 
 
+def test_dali_keeps_one_pipeline_across_epochs(tiny_build):
+    """Three epochs, an early stop and its continuation, all on the first pipeline: every batch equals
+    what a fresh loader gives for that epoch. Only a jump (replaying epoch 0) builds a new one."""
+    pytest.importorskip("nvidia.dali")
+
+    def run(loader, epoch):
+        loader.set_epoch(epoch)
+        return [(x, list(loader.last_batch_keys)) for x, _ in loader]
+
+    kept = build_loader(cfg(tiny_build, "mae", backend="dali"), rank=0, world_size=2)
+    got = {e: run(kept, e) for e in (0, 1)}
+    kept.set_epoch(2)
+    it = iter(kept)
+    got[2] = [(next(it)[0], list(kept.last_batch_keys)) for _ in range(3)]
+    it.close()  # the caller stops mid-epoch, then carries on from the same position
+    got[2] += [(x, list(kept.last_batch_keys)) for x, _ in kept]
+    assert kept._dali.pipelines_built == 1
+
+    for epoch, batches in got.items():
+        fresh = run(build_loader(cfg(tiny_build, "mae", backend="dali"), rank=0, world_size=2), epoch)
+        assert [k for _, k in batches] == [k for _, k in fresh] and len(fresh) == len(kept) == 7
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, fresh))
+    assert [k for _, k in got[0]] != [k for _, k in got[1]]
+
+    assert [k for _, k in run(kept, 0)] == [k for _, k in got[0]]  # out of order: rebuilt, still right
+    assert kept._dali.pipelines_built == 2
+
+
+def test_process_forked_with_a_live_dali_pipeline_exits_cleanly(tiny_build):
+    """The kept pipeline is alive when another loader forks its DataLoader workers; a child that
+    collects its copy must not touch DALI's (absent) threads: without the at-fork guard it hangs
+    (or, in a DataLoader worker, dies with SIGSEGV)."""
+    pytest.importorskip("nvidia.dali")
+    import gc
+    import os
+    import time
+
+    loader = build_loader(cfg(tiny_build, "mae", backend="dali"))
+    it = iter(loader)
+    next(it)  # the pipeline is built and running
+    pid = os.fork()
+    if pid == 0:
+        del it, loader
+        gc.collect()
+        os._exit(0)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung destroying its copy of the DALI pipeline")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert next(it)[0].shape == (4, 3, S, S)  # the parent's pipeline still works
+
+
 def test_state_from_another_setup_is_refused(tiny_build):
     state = build_loader(cfg(tiny_build, batch_size=4)).state_dict()
     with pytest.raises(ValueError, match="batch_size"):

@@ -12,6 +12,12 @@ of every sample come from the same function as the Pillow backend (`plan_geometr
 the batch, a function of seed, epoch and sample id), so both backends produce the same crops. The
 host side of batch i+1 is prepared on a background thread while DALI works on batch i.
 
+One pipeline serves the whole run: its feed runs on from the end of an epoch into the next epoch's
+plan, so DALI's prefetch at an epoch's end already decodes the next epoch's first batches and
+nothing is rebuilt or refilled between epochs. The pipeline is rebuilt only when the caller asks for
+a batch other than the one it has in flight (a resumed position, a skipped or replayed epoch) and
+after a batch that failed to decode.
+
 Pipeline per batch:
     encoded JPEG bytes (host)  -> fn.decoders.image   device "mixed" (nvJPEG, A100/H100/H200 hardware
                                                        JPEG decoder) with CUDA, "cpu" (libjpeg-turbo,
@@ -29,14 +35,34 @@ batch re-run with them replaced (same policy as the Pillow backend: first good s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import os
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from maws_data.loader import Batch, LoaderConfig, SampleError, SampleReader, plan_geometry
 from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+_LIVE: weakref.WeakSet[DaliBatches] = weakref.WeakSet()
+_INHERITED: list = []  # in a forked child: the parent's pipelines, held so they are never destroyed there
+
+
+def _keep_inherited_pipelines() -> None:
+    """In a child forked while a pipeline is alive (e.g. the DataLoader workers of another loader in
+    the same training process), DALI's threads do not exist: destroying the inherited pipeline there
+    (garbage collection) joins threads that are not there and crashes the child with SIGSEGV. The
+    child never uses it, so it keeps it alive until it exits."""
+    for batches in list(_LIVE):
+        _INHERITED.append((batches._pipe, batches._feeder))
+        batches._pipe = batches._feeder = None
+
+
+os.register_at_fork(after_in_child=_keep_inherited_pipelines)
 
 
 def dali_device_id(cfg: LoaderConfig) -> int | None:
@@ -51,13 +77,17 @@ def dali_device_id(cfg: LoaderConfig) -> int | None:
 class DaliBatches:
     """Runs the loader's plan through a DALI pipeline; `batches()` yields `Batch`es in plan order."""
 
-    def __init__(self, cfg: LoaderConfig, reader: SampleReader):
-        self.cfg, self.reader = cfg, reader
+    def __init__(self, cfg: LoaderConfig, reader: SampleReader, plan_for: Callable[[int], list[np.ndarray]]):
+        self.cfg, self.reader, self.plan_for = cfg, reader, plan_for
         self.device_id = dali_device_id(cfg)
         self.bad: dict[int, tuple[str, str]] = {}   # gid -> (reason, detail), found by decode failures
         self._threads = max(1, cfg.num_workers)
         self._pool = ThreadPoolExecutor(self._threads)   # JPEG reads (pread releases the GIL)
         self._prep = ThreadPoolExecutor(1)               # the next batch's host side, ahead of DALI
+        self._pipe = None
+        self._feeder: _Feeder | None = None
+        self.pipelines_built = 0  # one for a whole run unless resumed elsewhere or a batch failed
+        _LIVE.add(self)
 
     # -- host side: bytes and geometry of one batch ------------------------------------------
 
@@ -99,7 +129,7 @@ class DaliBatches:
                       prefetch_queue_depth=self.cfg.prefetch_batches)
         def pipe():
             jpegs, roi_start, roi_end, mirror = fn.external_source(
-                source=feed, num_outputs=4, batch=True, batch_info=True,
+                source=feed, num_outputs=4, batch=True,
                 dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
             images = fn.decoders.image(jpegs, device="mixed" if mixed else "cpu", output_type=types.RGB)
             images = fn.resize(images, resize_x=s, resize_y=s, roi_start=roi_start, roi_end=roi_end,
@@ -111,50 +141,49 @@ class DaliBatches:
         p.build()
         return p
 
-    def batches(self, plan: list[np.ndarray], *, start: int, epoch: int) -> Iterator[Batch]:
+    def batches(self, epoch: int, *, start: int) -> Iterator[Batch]:
+        """Batches start.. of `epoch` in plan order, on the kept pipeline when it is already there."""
         s = self.cfg.image_size
+        plan = self.plan_for(epoch)
         b = start
         while b < len(plan):
             if len(plan[b]) == 0:  # drop_last=False can give a rank an empty last batch
                 yield Batch(b, torch.empty(0, 3, s, s), plan[b], [])
                 b += 1
                 continue
-            todo = [i for i in range(b, len(plan)) if len(plan[i])]
-            meta: dict[int, tuple[np.ndarray, list[dict]]] = {}
-            pipe = self._pipeline(self._feeder(plan, todo, meta, epoch))
+            if self._feeder is None or self._feeder.next_out() != (epoch, b):
+                self._restart(epoch, b)  # first use, a jump (resume, another epoch), or after a bad batch
             try:
-                for i in todo:
-                    try:
-                        (out,) = pipe.run()
-                    except RuntimeError as e:
-                        self._find_bad(plan[i], e)  # raises when Pillow finds nothing wrong
-                        b = i
-                        break
-                    gids, skipped = meta.pop(i)
-                    yield Batch(i, self._to_torch(out), gids, skipped)
-                    b = i + 1
-                else:
-                    b = todo[-1] + 1  # trailing empty batches (drop_last=False) are yielded above
-            finally:
-                del pipe
+                (out,) = self._pipe.run()
+            except RuntimeError as e:
+                self._find_bad(plan[b], e)  # raises when Pillow finds nothing wrong
+                self._close()  # a failed run leaves the pipeline unusable: rebuilt, batch b re-run
+                continue
+            fed_epoch, fed_index, gids, skipped = self._feeder.fed.popleft()
+            assert (fed_epoch, fed_index) == (epoch, b), f"DALI output {(fed_epoch, fed_index)}, expected {(epoch, b)}"
+            yield Batch(b, self._to_torch(out), gids, skipped)
+            b += 1
 
-    def _feeder(self, plan: list[np.ndarray], todo: list[int], meta: dict, epoch: int):
-        ahead: dict = {}  # position in `todo` -> future of its host batch
+    def jobs(self, epoch: int, start: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(epoch, batch index, sample ids) in feed order from batch `start` of `epoch` on, running on
+        into the following epochs, so that DALI's prefetch at the end of an epoch prepares the start of
+        the next one and the pipeline is kept from epoch to epoch."""
+        while True:
+            plan = self.plan_for(epoch)
+            todo = [(epoch, b, plan[b]) for b in range(start, len(plan)) if len(plan[b])]
+            if not todo and start == 0:
+                return  # this rank's epochs hold nothing to decode (fewer samples than ranks)
+            yield from todo
+            epoch, start = epoch + 1, 0
 
-        def submit(k: int) -> None:
-            if k < len(todo) and k not in ahead:
-                ahead[k] = self._prep.submit(self.host_batch, plan[todo[k]], epoch)
+    def _restart(self, epoch: int, start: int) -> None:
+        self._close()
+        self._feeder = _Feeder(self.jobs(epoch, start), self._prep, self.host_batch)
+        self._pipe = self._pipeline(self._feeder)
+        self.pipelines_built += 1
 
-        def feed(info):
-            # DALI asks ahead (prefetch); past the end it gets the last batch again, never run.
-            k = min(info.iteration, len(todo) - 1)
-            submit(k)
-            submit(k + 1)  # prepared on the background thread while DALI runs batch k
-            inputs, gids, skipped = (ahead.pop(k) if k < len(todo) - 1 else ahead[k]).result()
-            meta[todo[k]] = (gids, skipped)
-            return tuple(inputs)
-
-        return feed
+    def _close(self) -> None:
+        self._pipe = self._feeder = None
 
     def _to_torch(self, out) -> torch.Tensor:
         t = out.as_tensor()
@@ -183,3 +212,38 @@ class DaliBatches:
                 self.bad[g], found = ("decode_error", f"{e} (DALI: {str(error).splitlines()[0]})"), True
         if not found:
             raise error
+
+
+class _Feeder:
+    """DALI's `external_source` callback: host batches in job order, the next one always being prepared
+    on the background thread while DALI works. DALI calls it once per scheduled iteration, in order and
+    ahead of `run()` (prefetch), so `fed` holds, oldest first, the jobs whose outputs `run()` returns next.
+    """
+
+    def __init__(self, jobs: Iterator[tuple[int, int, np.ndarray]], prep: ThreadPoolExecutor, host_batch):
+        self.jobs, self.prep, self.host_batch = jobs, prep, host_batch
+        self.ahead: deque[tuple[int, int, Future]] = deque()   # submitted to the prep thread, not yet fed
+        self.fed: deque[tuple[int, int, np.ndarray, list[dict]]] = deque()  # fed to DALI, output not taken
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.ahead) < 2:
+            job = next(self.jobs, None)
+            if job is None:
+                return
+            epoch, index, gids = job
+            self.ahead.append((epoch, index, self.prep.submit(self.host_batch, gids, epoch)))
+
+    def next_out(self) -> tuple[int, int] | None:
+        """(epoch, batch index) of the output the next `run()` returns."""
+        head = self.fed[0] if self.fed else self.ahead[0] if self.ahead else None
+        return None if head is None else (head[0], head[1])
+
+    def __call__(self):
+        if not self.ahead:
+            raise StopIteration  # nothing left to decode (only reached by prefetch past the last job)
+        epoch, index, future = self.ahead.popleft()
+        self._fill()
+        inputs, gids, skipped = future.result()
+        self.fed.append((epoch, index, gids, skipped))
+        return tuple(inputs)

@@ -415,8 +415,8 @@ class ShardLoader:
         if self.backend == "dali":
             if self._dali is None:
                 from maws_data.dali import DaliBatches
-                self._dali = DaliBatches(self.cfg, self._reader)
-            yield from self._dali.batches(plan, start=start, epoch=self.epoch)
+                self._dali = DaliBatches(self.cfg, self._reader, self.plan)
+            yield from self._dali.batches(self.epoch, start=start)
             return
         ds = _PillowBatches(self.cfg, self._reader, plan, start=start, epoch=self.epoch)
         if self.cfg.num_workers == 0:
