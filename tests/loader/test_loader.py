@@ -98,6 +98,50 @@ def test_dataloader_workers_keep_plan_order(tiny_build):
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, ref))
 
 
+def test_reused_output_buffers_never_overwrite_what_the_caller_keeps(tiny_build):
+    """2 workers reuse 4 output buffers each (prefetch 2 + 2). The caller keeps a view of every 3rd
+    batch and a numpy array of every 5th and drops the rest: buffers are reused (more pooled batches
+    than buffers), a kept buffer is not, and what was kept still equals the in-process pixels."""
+    multi = build_loader(cfg(tiny_build, "mae", num_workers=2))
+    ref = [x for x, _ in build_loader(cfg(tiny_build, "mae", num_workers=0))]
+    kept = {}
+    for i, (x, _) in enumerate(multi):
+        assert torch.equal(x, ref[i])
+        if i % 3 == 0:
+            kept[i] = x[1:3]
+        elif i % 5 == 0:
+            kept[i] = x.numpy()
+        del x
+    assert len(ref) == 15 and multi.pooled_batches > multi._slots.numel() == 8
+    assert 0 < int(multi._slots.sum()) <= len(kept) == 7  # the kept batches' buffers are still held
+    for i, v in kept.items():
+        assert np.array_equal(np.asarray(v), ref[i][1:3].numpy() if i % 3 == 0 else ref[i].numpy())
+    kept.clear()
+    assert int(multi._slots.sum()) == 0
+
+
+@pytest.mark.parametrize("backend", ["webdataset", "dali"])
+def test_in_process_buffer_pool_reuses_only_dropped_batches(tiny_build, backend):
+    """In-process batches (Pillow with 0 workers, DALI on the CPU) come in 3 reused buffers: 15 batches
+    use 3 memory blocks (2 of them taken by the views kept of batches 4 and 9), and the kept views
+    still hold their pixels."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    ref = [x for x, _ in build_loader(cfg(tiny_build, "mae", backend=backend))]  # all kept: fresh memory
+    loader = build_loader(cfg(tiny_build, "mae", backend=backend))
+    kept, addresses, i = {}, set(), 0
+    for x, _ in loader:  # not enumerate(): it holds the previous batch while the next one is made
+        assert torch.equal(x, ref[i])
+        addresses.add(x.data_ptr())
+        if i in (4, 9):
+            kept[i] = x[2:].clone(), x[2:]
+        del x
+        i += 1
+    assert len(ref) == 15 and len(addresses) == 3
+    for copy, view in kept.values():
+        assert torch.equal(copy, view)
+
+
 def test_one_shard_more_workers_than_shards(tiny_build):
     """A glob naming one shard, 2 ranks x 3 workers: works (random access), 12 samples -> 1 batch of 4 each."""
     spec = str(tiny_build / "shards" / "shard-000003.tar")

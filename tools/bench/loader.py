@@ -73,14 +73,19 @@ def extract_folder(build: Path, folder: Path) -> int:
     return len(table)
 
 
-def time_batches(batches, epochs: int) -> tuple[int, float]:
-    """Images and seconds over `epochs` passes, each pass's first batch (start-up) not timed."""
+def time_batches(batches, epochs: int, read: bool = False) -> tuple[int, float]:
+    """Images and seconds over `epochs` passes, each pass's first batch (start-up) not timed.
+
+    read: the consumer reads every pixel of every batch once (a sum), as a copy to the device does;
+    otherwise it only counts (the loader's own rate)."""
     images, seconds = 0, 0.0
     for _ in range(epochs):
         it = iter(batches)
         next(it)
         t0 = time.perf_counter()
         for x, _ in it:
+            if read:
+                x.sum()
             images += len(x)
         seconds += time.perf_counter() - t0
     return images, seconds
@@ -93,7 +98,7 @@ def run_baseline(folder: Path, task: str, args) -> tuple[int, float]:
     ds = ImageFolder(str(folder), transform=torchvision_transform(task, args.size))
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=task != "eval",
                                      num_workers=args.workers, drop_last=True)
-    return time_batches(dl, args.epochs)
+    return time_batches(dl, args.epochs, args.consume == "read")
 
 
 def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "cpu") -> tuple[int, float]:
@@ -117,7 +122,7 @@ def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "
             else:
                 yield from loader
 
-    return time_batches(Epochs(), args.epochs)
+    return time_batches(Epochs(), args.epochs, args.consume == "read")
 
 
 def run_decoder_limits(build: Path, args) -> dict[str, float]:
@@ -171,6 +176,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--tasks", nargs="+", default=["eval", "mae"])
     p.add_argument("--backends", nargs="+", default=["webdataset", "dali-cpu", "dali-gpu"])
+    p.add_argument("--consume", choices=["count", "read"], default="count",
+                   help="what the timed loop does with a batch: count it, or read every pixel once (x.sum())")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)  # the main process only collates; workers do the work
@@ -180,7 +187,7 @@ def main() -> None:
     folder = args.work / f"imagefolder-{args.image_size}"
     n = extract_folder(build, folder)
     print(f"{n} images, stored shorter side {args.image_size}, output {args.size}, batch {args.batch_size}, "
-          f"{args.workers} workers, {args.epochs} epoch(s), {os.cpu_count()} CPUs, "
+          f"{args.workers} workers, {args.epochs} epoch(s), consumer {args.consume}, {os.cpu_count()} CPUs, "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}", flush=True)
     results = []
     for task in args.tasks:

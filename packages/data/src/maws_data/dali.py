@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from maws_data.loader import Batch, LoaderConfig, SampleError, SampleReader, plan_geometry
+from maws_data.loader import Batch, BufferPool, LoaderConfig, SampleError, SampleReader, plan_geometry
 from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -88,6 +88,8 @@ class DaliBatches:
         self._feeder: _Feeder | None = None
         self.pipelines_built = 0  # one for a whole run unless resumed elsewhere or a batch failed
         _LIVE.add(self)
+        s = cfg.image_size
+        self._outputs = BufferPool((cfg.batch_size, 3, s, s), 3)  # CPU outputs: the caller's, the next, one spare
 
     # -- host side: bytes and geometry of one batch ------------------------------------------
 
@@ -187,10 +189,12 @@ class DaliBatches:
 
     def _to_torch(self, out) -> torch.Tensor:
         t = out.as_tensor()
-        if self.device_id is None:
-            return torch.from_numpy(np.array(t))  # copy: DALI reuses its output buffers
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        if self.device_id is None:  # copied (DALI reuses its output buffers) into a reused host buffer
+            dst = self._outputs.take(t.shape()[0])
+            feed_ndarray(t, dst)
+            return dst
         dst = torch.empty(t.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}")
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id))
         return dst

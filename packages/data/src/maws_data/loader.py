@@ -40,6 +40,7 @@ import io
 import json
 import math
 import os
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -341,6 +342,7 @@ class Batch:
     images: torch.Tensor        # float32 (N,3,S,S), normalised (on the GPU for DALI "mixed")
     gids: np.ndarray            # sample ids actually in the batch (bad ones replaced)
     skipped: list[dict]         # {"shard", "key", "reason", "detail"} for each bad sample
+    slot: tuple[int, int] | None = None  # (worker, buffer) of a reused output buffer, freed when dropped
 
 
 class ShardLoader:
@@ -371,6 +373,9 @@ class ShardLoader:
         self.last_batch_keys: list[str] = []
         self._reader = SampleReader(table)
         self._dali = None
+        self._slots: torch.Tensor | None = None  # output buffers of this epoch's DataLoader workers
+        self._pool: BufferPool | None = None      # output buffers of the in-process backend
+        self.pooled_batches = 0  # batches that came in a worker's reused output buffer
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -397,8 +402,12 @@ class ShardLoader:
                 self.skipped[s["reason"]] += 1
                 self.skipped_samples.append(s)
             self.last_batch_keys = [self.table.keys[g] for g in batch.gids]
+            if batch.slot is not None:  # the worker may write into this buffer again once every view is gone
+                weakref.finalize(batch.images.untyped_storage(), _free_slot, self._slots, *batch.slot)
+                self.pooled_batches += 1
             self.position += 1
             yield batch.images, self.targets(batch.gids)
+            del batch  # not held while the next batch is made: its buffer can be reused if the caller let go
         if self.position != self.batches_per_epoch:  # a short epoch on one rank hangs the others' collectives
             raise RuntimeError(f"{self.backend} backend ended epoch {self.epoch} after {self.position} of "
                                f"{self.batches_per_epoch} batches")
@@ -418,10 +427,16 @@ class ShardLoader:
                 self._dali = DaliBatches(self.cfg, self._reader, self.plan)
             yield from self._dali.batches(self.epoch, start=start)
             return
-        ds = _PillowBatches(self.cfg, self._reader, plan, start=start, epoch=self.epoch)
         if self.cfg.num_workers == 0:
-            yield from ds
+            if self._pool is None:
+                self._pool = BufferPool((self.cfg.batch_size, 3, self.cfg.image_size, self.cfg.image_size), 3)
+            yield from _PillowBatches(self.cfg, self._reader, plan, start=start, epoch=self.epoch, pool=self._pool)
             return
+        # Per worker, prefetch + 2 output buffers are reused (see _PillowBatches.output): the queued
+        # batches, the one the caller holds and one being released.
+        self._slots = torch.zeros(self.cfg.num_workers, self.cfg.prefetch_batches + 2, dtype=torch.uint8)
+        self._slots.share_memory_()
+        ds = _PillowBatches(self.cfg, self._reader, plan, start=start, epoch=self.epoch, slots=self._slots)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                          prefetch_factor=self.cfg.prefetch_batches, persistent_workers=False)
         yield from dl
@@ -457,9 +472,13 @@ class _PillowBatches(torch.utils.data.IterableDataset):
     order; a worker with nothing left stops and the others carry on (no hang).
     """
 
-    def __init__(self, cfg: LoaderConfig, reader: SampleReader, plan: list[np.ndarray], *, start: int, epoch: int):
+    def __init__(self, cfg: LoaderConfig, reader: SampleReader, plan: list[np.ndarray], *, start: int, epoch: int,
+                 slots: torch.Tensor | None = None, pool: BufferPool | None = None):
         super().__init__()
         self.cfg, self.reader, self.plan, self.start, self.epoch = cfg, reader, plan, start, epoch
+        self.slots = slots                       # shared (workers, buffers) uint8: 1 = the main process holds it
+        self.pool = pool                         # in-process (no workers)
+        self._buffers: dict[int, torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -469,11 +488,8 @@ class _PillowBatches(torch.utils.data.IterableDataset):
             yield self.make(b)
 
     def make(self, b: int) -> Batch:
-        s = self.cfg.image_size
         gids = self.plan[b].copy()
-        images = torch.empty(len(gids), 3, s, s)
-        if torch.utils.data.get_worker_info() is not None:
-            images.share_memory_()  # written in place: sending it to the main process copies nothing
+        images, slot = self.output(len(gids))
         out = images.numpy()
         boxes, flips = plan_geometry(self.cfg, self.reader.table, gids, self.epoch)
         good, bad, skipped = [], [], []
@@ -485,7 +501,31 @@ class _PillowBatches(torch.utils.data.IterableDataset):
                 bad.append(row)
                 skipped.append({**self.reader.where(int(g)), "reason": e.reason, "detail": e.detail})
         _replace_bad(out, gids, good, bad, skipped)
-        return Batch(b, images, gids, skipped)
+        return Batch(b, images, gids, skipped, slot)
+
+    def output(self, n: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """Shared memory for a batch of n images, and its (worker, buffer) slot when it is a reused one.
+
+        Writing into fresh memory costs a page fault per 4 KiB: on the VMs we measured, the worker
+        spent 1.5 ms per 224 px image with a fresh batch and 0.9 ms with a reused one. A buffer is
+        reused only after the main process has dropped every tensor, view and array of it (its
+        storage's finalizer clears the slot), so a caller that keeps batches gets fresh memory and
+        never sees a batch overwritten.
+        """
+        s, info = self.cfg.image_size, torch.utils.data.get_worker_info()
+        if info is None and self.pool is not None:
+            return self.pool.take(n), None
+        if self.slots is not None and info is not None and n == self.cfg.batch_size:
+            for k in range(self.slots.shape[1]):
+                if self.slots[info.id, k] == 0:
+                    if k not in self._buffers:
+                        self._buffers[k] = torch.empty(n, 3, s, s).share_memory_()
+                    self.slots[info.id, k] = 1
+                    return self._buffers[k], (info.id, k)
+        images = torch.empty(n, 3, s, s)
+        if info is not None:
+            images.share_memory_()  # written in place: sending it to the main process copies nothing
+        return images, None
 
     def decode(self, gid: int, box: np.ndarray, flip: bool) -> np.ndarray:
         from PIL import Image
@@ -511,6 +551,36 @@ def _replace_bad(images: np.ndarray, gids: np.ndarray, good: list[int], bad: lis
     for row in bad:
         images[row] = images[good[0]]
         gids[row] = gids[good[0]]
+
+
+class BufferPool:
+    """Reused float32 batch buffers for batches made in this process (in-process Pillow, DALI on CPU).
+
+    A batch goes out as a torch tensor over one of `count` numpy arrays; when the caller has dropped
+    every tensor, view and array of it (the tensor storage's finalizer), the array is free again.
+    Fresh memory costs a page fault per 4 KiB on first write, which was a third of the per-image
+    cost on the VMs we measured; a caller that keeps batches simply gets fresh memory.
+    """
+
+    def __init__(self, shape: tuple[int, ...], count: int):
+        self.shape = shape
+        self.free = list(range(count))
+        self.arrays: dict[int, np.ndarray] = {}
+
+    def take(self, n: int) -> torch.Tensor:
+        """A (n, *shape[1:]) float32 tensor: a free reused buffer for a full batch, else fresh memory."""
+        if n != self.shape[0] or not self.free:
+            return torch.empty(n, *self.shape[1:])
+        k = self.free.pop()
+        if k not in self.arrays:
+            self.arrays[k] = np.empty(self.shape, np.float32)
+        batch = torch.from_numpy(self.arrays[k])
+        weakref.finalize(batch.untyped_storage(), self.free.append, k)
+        return batch
+
+
+def _free_slot(slots: torch.Tensor, worker: int, buffer: int) -> None:
+    slots[worker, buffer] = 0
 
 
 def choose_backend(backend: str) -> str:
