@@ -376,6 +376,7 @@ class ShardLoader:
         self._slots: torch.Tensor | None = None  # output buffers of this epoch's DataLoader workers
         self._pool: BufferPool | None = None      # output buffers of the in-process backend
         self.pooled_batches = 0  # batches that came in a worker's reused output buffer
+        self._mapped: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -402,15 +403,28 @@ class ShardLoader:
                 self.skipped[s["reason"]] += 1
                 self.skipped_samples.append(s)
             self.last_batch_keys = [self.table.keys[g] for g in batch.gids]
-            if batch.slot is not None:  # the worker may write into this buffer again once every view is gone
-                weakref.finalize(batch.images.untyped_storage(), _free_slot, self._slots, *batch.slot)
-                self.pooled_batches += 1
+            images = batch.images
+            if batch.slot is not None:
+                images = self._caller_view(batch)
             self.position += 1
-            yield batch.images, self.targets(batch.gids)
+            yield images, self.targets(batch.gids)
+            del images
             del batch  # not held while the next batch is made: its buffer can be reused if the caller let go
         if self.position != self.batches_per_epoch:  # a short epoch on one rank hangs the others' collectives
             raise RuntimeError(f"{self.backend} backend ended epoch {self.epoch} after {self.position} of "
                                f"{self.batches_per_epoch} batches")
+
+    def _caller_view(self, batch: Batch) -> torch.Tensor:
+        """The caller's tensor over a worker's reused buffer. This process keeps its own mapping of the
+        buffer (`_mapped`), so the next batch the worker sends in it is mapped again for free (torch
+        finds the live storage in its shared-memory cache) instead of page-faulting on first read; the
+        caller's tensor is a separate storage over the same memory, whose finalizer tells the worker
+        that every view of the batch is gone and the buffer may be written again."""
+        self._mapped[batch.slot] = batch.images
+        view = torch.from_numpy(batch.images.numpy())
+        weakref.finalize(view.untyped_storage(), _free_slot, self._slots, *batch.slot)
+        self.pooled_batches += 1
+        return view
 
     def targets(self, gids: np.ndarray) -> torch.Tensor:
         if self.cfg.task == "wsp":
@@ -436,6 +450,7 @@ class ShardLoader:
         # batches, the one the caller holds and one being released.
         self._slots = torch.zeros(self.cfg.num_workers, self.cfg.prefetch_batches + 2, dtype=torch.uint8)
         self._slots.share_memory_()
+        self._mapped = {}  # (worker, buffer) -> this process's tensor over it (see _caller_view)
         ds = _PillowBatches(self.cfg, self._reader, plan, start=start, epoch=self.epoch, slots=self._slots)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                          prefetch_factor=self.cfg.prefetch_batches, persistent_workers=False)
