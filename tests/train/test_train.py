@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,16 +168,43 @@ def test_interrupted_wsp_run_resumes_to_the_same_weights(tiny_build, tmp_path, c
     assert losses(whole) == losses(resumed)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_build, tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_build, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    mae.run(mae_cfg(tiny_build, out, "run.steps=4", "run.ckpt_every=2"))
+    sets = ("run.steps=8", "run.ckpt_every=2", "run.keep_ckpts=0")
+    mae.run(mae_cfg(tiny_build, out, *sets))
     good = load_file(str(out / "ckpt" / "step_000004" / "model.safetensors"))
-    # Continue the run with an infinite learning rate: the first update overflows the weights.
+    shutil.rmtree(out)
+    # The same run again, but its 5th update overflows the weights (as an infinite learning rate would).
+    adamw_step, updates = torch.optim.AdamW.step, []
+
+    def overflowing_step(self, *args, **kwargs):
+        result = adamw_step(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 5:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     with pytest.raises(NonFiniteLossError, match=r"step 5 .*last good checkpoint: .*step_000004"):
-        mae.run(mae_cfg(tiny_build, out, "run.steps=8", "run.ckpt_every=2", "optim.base_lr=inf", "optim.warmup_frac=0"))
+        mae.run(mae_cfg(tiny_build, out, *sets))
     assert list_states(out)[-1].name == "step_000004"
     kept = load_file(str(out / "ckpt" / "step_000004" / "model.safetensors"))
     assert all(torch.equal(kept[k], good[k]) for k in good)
+
+
+def test_resume_with_other_settings_is_refused(mae_run, tiny_build, tmp_path):
+    """A resumed run must be the same run: a changed learning rate or length is refused with every
+    difference named; how it logs and checkpoints is free to change."""
+    run = tmp_path / "run"
+    shutil.copytree(mae_run, run)
+    with pytest.raises(CheckpointError, match=r"optim\.base_lr: 0\.02 in the checkpoint, 0\.01 now; run\.steps: 30 "):
+        mae.run(mae_cfg(tiny_build, run, "optim.base_lr=0.01", "run.steps=40"))
+    with pytest.raises(CheckpointError, match="is a mae checkpoint; this is a wsp run"):
+        wsp.run(wsp_cfg(tiny_build, run))
+    mae.run(mae_cfg(tiny_build, run, "run.log_every=3", "run.keep_ckpts=3"))  # allowed: resumes (already done)
 
 
 @pytest.mark.dist

@@ -28,7 +28,7 @@ from maws_train.config import MAEConfig, peak_lr, to_dict
 from maws_train.metrics import MetricWriter, NonFiniteLossError, check_finite, write_config
 from maws_train.models import MaskedAutoencoder, build_encoder
 from maws_train.optim import build_optimizer, lr_at
-from maws_train.resume import endless, find_resume_point, step_seed
+from maws_train.resume import check_same_run, endless, find_resume_point, step_seed
 
 
 def mask_noise(*, seed: int, step: int, global_batch: int, num_patches: int, d: distributed.Dist) -> torch.Tensor:
@@ -85,6 +85,7 @@ def run(cfg: MAEConfig) -> Path:
     resume_dir = find_resume_point(out, cfg.run.resume)
     if resume_dir is not None:
         model_sd, optim_sd, meta = checkpoint.load_state(resume_dir)
+        check_same_run(meta.get("config", {}), to_dict(cfg), kind="mae", where=resume_dir)
         if len(meta["loader"]) != d.world_size:  # the loader's epoch plan depends on the number of ranks
             raise checkpoint.CheckpointError(
                 f"{resume_dir} was written by {len(meta['loader'])} processes, this run has {d.world_size}; "

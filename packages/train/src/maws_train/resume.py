@@ -37,6 +37,41 @@ def find_resume_point(run_dir: Path, resume: str) -> Path | None:
     return states[-1]
 
 
+# Settings a resumed run may change: how it runs, logs and checkpoints, and where files are. Every other
+# field changes what is computed (model, objective, optimizer, schedule, data order), so a run resumed
+# with it changed would be neither the old run nor a new one.
+RESUMABLE_CHANGES = frozenset({
+    "run.out", "run.resume", "run.log_every", "run.ckpt_every", "run.keep_ckpts", "run.compile",
+    "data.num_workers", "data.backend",  # backends make the same crops; pixels agree within a grey level
+    "data.shards",  # the path may move; the loader state checks that the shards themselves are the same
+    "init",  # read only when a WSP run starts; a resumed run takes its weights from the checkpoint
+})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], *, kind: str, where: Path) -> None:
+    """Refuse to resume the checkpoint at `where` (its resolved config `saved`) with settings `current`
+    that would make it another run; lists every differing field."""
+    if saved.get("kind", kind) != kind:
+        raise CheckpointError(f"{where} is a {saved['kind']} checkpoint; this is a {kind} run (choose another --out)")
+    old, new = _flatten({k: v for k, v in saved.items() if k not in ("kind", "derived")}), _flatten(current)
+    diffs = [f"{k}: {old.get(k, '<absent>')!r} in the checkpoint, {new.get(k, '<absent>')!r} now"
+             for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    if diffs:
+        raise CheckpointError(f"cannot resume {where} with other settings ({'; '.join(diffs)}): resume with the "
+                              "settings it was started with, or start a new run (another --out, or resume=never "
+                              "in an empty folder)")
+
+
 def endless(loader: Any) -> Iterator[Any]:
     """Batches across epoch boundaries; starts at the loader's (possibly resumed) epoch and position."""
     while True:

@@ -29,7 +29,7 @@ from maws_train.config import WSPConfig, peak_lr, to_dict
 from maws_train.metrics import MetricWriter, NonFiniteLossError, check_finite, write_config
 from maws_train.models import Classifier, build_encoder, multilabel_softmax_ce
 from maws_train.optim import build_optimizer, lr_at
-from maws_train.resume import endless, find_resume_point, step_seed
+from maws_train.resume import check_same_run, endless, find_resume_point, step_seed
 
 
 def init_from(encoder: torch.nn.Module, path: str) -> dict:
@@ -109,6 +109,7 @@ def run(cfg: WSPConfig) -> Path:
     start_step, last_ckpt = 0, None
     if resume_dir is not None:
         model_sd, optim_sd, meta = checkpoint.load_state(resume_dir)
+        check_same_run(meta.get("config", {}), to_dict(cfg), kind="wsp", where=resume_dir)
         if len(meta["loader"]) != d.world_size:  # the loader's epoch plan depends on the number of ranks
             raise checkpoint.CheckpointError(
                 f"{resume_dir} was written by {len(meta['loader'])} processes, this run has {d.world_size}; "
