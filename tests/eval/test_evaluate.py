@@ -92,6 +92,8 @@ def test_evaluate_writes_one_result_per_number(encoder_dir, tmp_path):
         assert all(abs(v * 20 - round(v * 20)) < 1e-6 for v in rec["values"])
     ft = json.loads((tmp_path / "res" / "floor.imagenette.finetune.json").read_text())
     assert ft["config"]["steps"] == 3 and ft["seeds"] == [0] and ft["std"] is None
+    assert {k: ft["data_config"][k] for k in ("max_train_per_class", "max_val_per_class", "batch_size")} == \
+        {"max_train_per_class": 4, "max_val_per_class": 2, "batch_size": 16}
     assert len(ft["final_train_loss"]) == 1 and ft["final_train_loss"][0] > 0
     fs = json.loads((tmp_path / "res" / "floor.imagenette.fewshot-2shot.json").read_text())
     assert fs["shots"] == 2 and fs["seeds"] == [0, 1] and len(fs["values"]) == 2

@@ -47,7 +47,6 @@ import torch
 from maws_data.loader import Batch, BufferPool, LoaderConfig, SampleError, SampleReader, plan_geometry
 from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-
 _LIVE: weakref.WeakSet[DaliBatches] = weakref.WeakSet()
 _INHERITED: list = []  # in a forked child: the parent's pipelines, held so they are never destroyed there
 

@@ -25,6 +25,7 @@ from maws_eval.protocol import (
     EncoderRef,
     FeatureSet,
     Measurement,
+    config_dict,
     current_command,
     result_record,
     write_result,
@@ -129,5 +130,6 @@ def evaluate(
         if "finetune" in protocols:
             measurements += finetune.run(enc.path, ds, configs.finetune, data_cfg=data_cfg)
         for m in measurements:
-            written.append(write_result(result_record(m, encoder=enc, dataset=ds_ref, command=command), out_dir))
+            record = result_record(m, encoder=enc, dataset=ds_ref, command=command, data_config=config_dict(data_cfg))
+            written.append(write_result(record, out_dir))
     return written

@@ -4,10 +4,11 @@ A protocol is a function `run(features, cfg) -> list[Measurement]` (fine-tune re
 of features). `result_record` turns a measurement into the JSON result a user keeps:
 
     {"encoder", "encoder_path", "encoder_sha256", "dataset", "dataset_path", "protocol", "metric",
-     "value", "std", "values", "seeds", "shots", "config", "command", "created",
+     "value", "std", "values", "seeds", "shots", "config", "data_config", "command", "created",
      "num_train", "num_val", "num_classes"}
 
-`value` is a fraction in [0, 1]; `std` is the sample std over `values` (one per seed), null for a
+`config` is the protocol's settings, `data_config` how the images were read (per-class limits, image
+size, batch size, ...): with `command`, enough to reproduce the number. `value` is a fraction in [0, 1]; `std` is the sample std over `values` (one per seed), null for a
 single run. The report only aggregates these files.
 """
 
@@ -103,7 +104,8 @@ def current_command() -> str:
     return shlex.join([prog, *sys.argv[1:]])
 
 
-def result_record(m: Measurement, *, encoder: EncoderRef, dataset: DatasetRef, command: str) -> dict[str, Any]:
+def result_record(m: Measurement, *, encoder: EncoderRef, dataset: DatasetRef, command: str,
+                  data_config: dict[str, Any] | None = None) -> dict[str, Any]:
     record = {
         "encoder": encoder.id,
         "encoder_path": encoder.path,
@@ -118,6 +120,7 @@ def result_record(m: Measurement, *, encoder: EncoderRef, dataset: DatasetRef, c
         "seeds": list(m.seeds),
         "shots": m.shots,
         "config": m.config,
+        "data_config": data_config,
         "command": command,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "num_train": dataset.num_train,
