@@ -242,6 +242,53 @@ def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, kind, parall
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
+def torchrun(kind: str, build: Path, out: Path, *sets: str) -> None:
+    """`maws-train KIND` on 2 gloo processes (one thread each), killed with its workers after 400 s."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "maws_train.cli", kind, f"mu_{kind}", "--shards", str(build), "--out", str(out),
+           *[a for s in MAE_SETS + list(sets) for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_sharded_and_resume_exactly(tiny_build, tmp_path):
+    """2 FSDP2 processes: each checkpoint is one model and one optimizer file per rank (nothing gathered);
+    the shards put together are the exported encoder, WSP --init reads them, and a run cut back to its
+    step-2 checkpoint and resumed on 2 processes ends with the uninterrupted run's weights and losses."""
+    from maws_train.checkpoint import read_init_encoder
+
+    sets = ("run.steps=4", "run.ckpt_every=2", "run.keep_ckpts=0", "run.log_every=1", "run.parallel=fsdp")
+    whole = tmp_path / "whole"
+    torchrun("mae", tiny_build, whole, *sets)
+    step2 = whole / "ckpt" / "step_000002"
+    assert sorted(p.name for p in step2.iterdir()) == [
+        "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
+        "optim-00000-of-00002.safetensors", "optim-00001-of-00002.safetensors", "state.json"]
+    assert json.loads((step2 / "state.json").read_text())["shards"] == 2
+    exported = load_file(str(whole / "encoder.safetensors"))
+    init, _, _ = read_init_encoder(whole / "ckpt" / "step_000004")
+    assert init.keys() == exported.keys() and all(torch.equal(init[k], exported[k]) for k in exported)
+
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "ckpt" / "step_000004")
+    for name in ("encoder.safetensors", "encoder.json"):
+        (cut / name).unlink()
+    torchrun("mae", tiny_build, cut, *sets)
+    resumed = load_file(str(cut / "encoder.safetensors"))
+    assert all(torch.equal(resumed[k], exported[k]) for k in exported)
+    assert losses(cut) == losses(whole)
+
+
 @pytest.mark.gpu
 def test_bf16_compiled_cuda_run_tracks_fp32(tiny_build, tmp_path):
     if not torch.cuda.is_available():

@@ -6,10 +6,17 @@ Exported encoder (`export_encoder` / `load_encoder`), the hand-off to maws_eval:
 `timm.create_model(info["timm_name"], **info["kwargs"], num_classes=0, checkpoint_path=".../encoder.safetensors")`
 builds and loads it without maws_train.
 
-Training state (`save_state` / `load_latest_state`), one directory per kept step:
+Training state (`save_state` / `load_state`), one directory per kept step:
     RUN/ckpt/step_000123/model.safetensors   full (unsharded) model state dict
     RUN/ckpt/step_000123/optim.safetensors   AdamW tensors as "<param fqn>/<exp_avg|exp_avg_sq|step>"
     RUN/ckpt/step_000123/state.json          step, param_groups (by fqn), loader states per rank, config; written last
+Under FSDP2 (`save_state_shard`) nothing is gathered: every rank writes the shards it holds,
+    RUN/ckpt/step_000123/model-00003-of-00008.safetensors   rank 3's dim-0 shard of every parameter
+    RUN/ckpt/step_000123/optim-00003-of-00008.safetensors   rank 3's AdamW shards (same keys as above)
+and state.json records "shards": 8. A 6.5B run then writes 1/8 of its 78 GB of weights + AdamW state
+per rank, in parallel, instead of gathering all of it into rank 0's memory. Shards are loaded by the
+rank that wrote them (a resume needs the same number of processes anyway: the loader's plan depends on
+it); `read_state_dir` concatenates them into the full state (WSP --init, inspection).
 The directory is assembled under RUN/ckpt/.tmp-step_000123 and renamed into place, so a step_* directory
 is complete or absent; a run killed mid-write leaves only a .tmp-* that the next save removes. Nothing
 here uses pickle: tensors are safetensors, everything else JSON.
@@ -21,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,13 +234,13 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, source: str,
 
 
 def read_init_encoder(path: Path | str) -> tuple[dict[str, torch.Tensor], list[str], Path]:
-    """Encoder tensors for WSP `--init` from an MAE run dir, its encoder.safetensors, a ckpt step dir,
-    or a timm/MAWS file. Returns (timm-keyed encoder state, dropped keys, file read)."""
+    """Encoder tensors for WSP `--init` from an MAE run dir, its encoder.safetensors, a ckpt step dir
+    (full or sharded), or a timm/MAWS file. Returns (timm-keyed encoder state, dropped keys, file read)."""
     p = Path(path)
-    if p.is_dir() and not (p / ENCODER_WEIGHTS).exists() and (p / "model.safetensors").exists():
-        weights = p / "model.safetensors"
-    else:
-        weights, _ = _locate(p)
+    if p.is_dir() and not (p / ENCODER_WEIGHTS).exists() and (p / "state.json").exists():
+        state, dropped = encoder_state(read_state_dir(p))
+        return state, dropped, p
+    weights, _ = _locate(p)
     state, dropped = encoder_state(read_state_dict(weights))
     return state, dropped, weights
 
@@ -257,6 +265,33 @@ def _unflatten_optim(tensors: dict[str, torch.Tensor], groups: list[dict[str, An
     return {"state": state, "param_groups": groups}
 
 
+def _begin(run_dir: Path, step: int) -> Path:
+    """The temp directory a checkpoint of `step` is assembled in (stale ones of killed saves removed)."""
+    root = run_dir / "ckpt"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-step_{step:06d}"
+    tmp.mkdir()
+    return tmp
+
+
+def _finish(run_dir: Path, tmp: Path, *, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """state.json last, then the rename that makes the checkpoint visible; keep the newest `keep`."""
+    (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1) + "\n")
+    final = run_dir / "ckpt" / f"step_{step:06d}"
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_states(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
 def save_state(
     run_dir: Path,
     *,
@@ -267,22 +302,45 @@ def save_state(
     keep: int = 2,
 ) -> Path:
     """Write RUN/ckpt/step_{step:06d} atomically (call on the main rank only); keep the newest `keep`."""
-    root = run_dir / "ckpt"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-{final.name}"
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    tmp = _begin(run_dir, step)
+    _save(model_state, tmp / "model.safetensors")
     tensors, groups = _flatten_optim(optim_state)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "optim.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, **meta}, indent=1) + "\n")
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_states(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _save(tensors, tmp / "optim.safetensors")
+    return _finish(run_dir, tmp, step=step, meta={"param_groups": groups, **meta}, keep=keep)
+
+
+def shard_file(kind: str, rank: int, world_size: int) -> str:
+    return f"{kind}-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def save_state_shard(
+    run_dir: Path,
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    model_shard: dict[str, torch.Tensor],
+    optim_shard: dict[str, Any],
+    meta: dict[str, Any],
+    barrier: Callable[[], None],
+    keep: int = 2,
+) -> Path:
+    """Every rank calls this with the shards it holds (FSDP2 `to_local()` tensors, keyed by FQN):
+    rank 0 prepares the temp directory, every rank writes its two files, rank 0 writes state.json and
+    renames. `barrier` separates the three phases (the run dir must be on a filesystem all ranks share)."""
+    tmp = run_dir / "ckpt" / f".tmp-step_{step:06d}"
+    if rank == 0:
+        _begin(run_dir, step)
+    barrier()
+    _save(model_shard, tmp / shard_file("model", rank, world_size))
+    tensors, groups = _flatten_optim(optim_shard)
+    _save(tensors, tmp / shard_file("optim", rank, world_size))
+    barrier()
+    final = run_dir / "ckpt" / f"step_{step:06d}"
+    if rank == 0:
+        final = _finish(run_dir, tmp, step=step, meta={"param_groups": groups, "shards": world_size, **meta},
+                        keep=keep)
+    barrier()
     return final
 
 
@@ -295,12 +353,31 @@ def list_states(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(_STEP_DIR.match(d.name).group(1)))  # type: ignore[union-attr]
 
 
-def load_state(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model state, optimizer state dict keyed by fqn, meta incl. "step") from one step directory."""
-    for name in ("model.safetensors", "optim.safetensors", "state.json"):
+def load_state(ckpt_dir: Path, *, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(model state, optimizer state dict keyed by fqn, meta incl. "step") from one step directory.
+
+    For a sharded checkpoint (meta["shards"] = N) the tensors are rank `rank`'s shards, to be loaded
+    into a model sharded the same way (`distributed.load_train_state(..., sharded=True)`)."""
+    if not (ckpt_dir / "state.json").exists():
+        raise CheckpointError(f"{ckpt_dir} is not a complete training checkpoint (no state.json)")
+    meta = json.loads((ckpt_dir / "state.json").read_text())
+    shards = meta.get("shards")
+    names = ("model.safetensors", "optim.safetensors") if shards is None else (
+        shard_file("model", rank, shards), shard_file("optim", rank, shards))
+    for name in names:
         if not (ckpt_dir / name).exists():
             raise CheckpointError(f"{ckpt_dir} is not a complete training checkpoint (no {name})")
-    meta = json.loads((ckpt_dir / "state.json").read_text())
-    model_state = load_file(str(ckpt_dir / "model.safetensors"))
-    optim_state = _unflatten_optim(load_file(str(ckpt_dir / "optim.safetensors")), meta.pop("param_groups"))
+    model_state = load_file(str(ckpt_dir / names[0]))
+    optim_state = _unflatten_optim(load_file(str(ckpt_dir / names[1])), meta.pop("param_groups"))
     return model_state, optim_state, meta
+
+
+def read_state_dir(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full model state of a step directory; a sharded one's dim-0 shards concatenated in rank order
+    (FSDP2 shards every parameter on dim 0 as torch.chunk does)."""
+    meta_path = ckpt_dir / "state.json"
+    shards = json.loads(meta_path.read_text()).get("shards") if meta_path.exists() else None
+    if shards is None:
+        return read_state_dict(ckpt_dir / "model.safetensors")
+    parts = [read_state_dict(ckpt_dir / shard_file("model", r, shards)) for r in range(shards)]
+    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}

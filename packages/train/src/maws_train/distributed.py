@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,47 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True under FSDP2 (parameters are DTensors): checkpoints are then written shard by shard."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's shards of the model and optimizer state, keyed by FQN, nothing gathered."""
+    msd = get_model_state_dict(model)
+    osd = get_optimizer_state_dict(model, optimizer)
+    state = {fqn: {name: _local(t) for name, t in st.items()} for fqn, st in osd["state"].items()}
+    return {k: _local(v) for k, v in msd.items()}, {"state": state, "param_groups": osd["param_groups"]}
+
+
+def _like(template: Any, local: torch.Tensor) -> Any:
+    """`local` as this rank's shard of a tensor sharded like `template` (the model's own DTensor)."""
+    if not isinstance(template, DTensor):
+        return local.to(template.device)
+    return DTensor.from_local(local.to(template.to_local().device), template.device_mesh, template.placements,
+                              run_check=False, shape=template.shape, stride=template.stride())
+
+
 def load_train_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any]
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any],
+    *, sharded: bool = False,
 ) -> None:
-    """Inverse of model_state/optimizer_state; every rank passes the full state (FSDP2 re-shards it)."""
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    """Inverse of model_state/optimizer_state (every rank passes the full state; FSDP2 re-shards it), or,
+    with `sharded`, of local_train_state (every rank passes the shards it wrote)."""
+    if not sharded:
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=opts)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        return
+    template = get_model_state_dict(model)
+    if set(template) != set(model_sd):
+        raise ValueError(f"sharded checkpoint keys differ from the model's: {sorted(set(template) ^ set(model_sd))[:5]}")
+    set_model_state_dict(model, {k: _like(template[k], v) for k, v in model_sd.items()})
+    # AdamW's moments are sharded like their parameter; its step count is a plain scalar.
+    state = {fqn: {name: _like(template[fqn], t) if t.dim() > 0 else t for name, t in st.items()}
+             for fqn, st in optim_sd["state"].items()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": optim_sd["param_groups"]})

@@ -23,12 +23,12 @@ import torch
 from maws_data.loader import LoaderConfig, build_loader
 from tqdm import tqdm
 
-from maws_train import checkpoint, distributed
+from maws_train import checkpoint, distributed, resume
 from maws_train.config import MAEConfig, peak_lr, to_dict
 from maws_train.metrics import MetricWriter, NonFiniteLossError, check_finite, write_config
 from maws_train.models import MaskedAutoencoder, build_encoder
 from maws_train.optim import build_optimizer, lr_at
-from maws_train.resume import check_same_run, endless, find_resume_point, step_seed
+from maws_train.resume import endless, find_resume_point, step_seed
 
 
 def mask_noise(*, seed: int, step: int, global_batch: int, num_patches: int, d: distributed.Dist) -> torch.Tensor:
@@ -84,14 +84,8 @@ def run(cfg: MAEConfig) -> Path:
     start_step, last_ckpt = 0, None
     resume_dir = find_resume_point(out, cfg.run.resume)
     if resume_dir is not None:
-        model_sd, optim_sd, meta = checkpoint.load_state(resume_dir)
-        check_same_run(meta.get("config", {}), to_dict(cfg), kind="mae", where=resume_dir)
-        if len(meta["loader"]) != d.world_size:  # the loader's epoch plan depends on the number of ranks
-            raise checkpoint.CheckpointError(
-                f"{resume_dir} was written by {len(meta['loader'])} processes, this run has {d.world_size}; "
-                "resume with the same number of processes")
-        distributed.load_train_state(raw, optimizer, model_sd, optim_sd)
-        loader.load_state_dict(meta["loader"][d.rank])
+        meta = resume.restore(resume_dir, model=raw, optimizer=optimizer, loader=loader, config=to_dict(cfg),
+                              kind="mae", d=d)
         start_step, last_ckpt = int(meta["step"]), resume_dir
         distributed.print0(f"resumed from {resume_dir} at step {start_step}")
     resolved = {"kind": "mae", **to_dict(cfg), "derived": {
@@ -108,15 +102,8 @@ def run(cfg: MAEConfig) -> Path:
         if not distributed.all_finite(raw):
             raise NonFiniteLossError(f"parameters became non-finite after step {step} in {out}; stopping "
                                      f"(last good checkpoint: {last_ckpt or 'none written yet'})")
-        loader_states = distributed.gather_objects(loader.state_dict(), d)
-        model_sd, optim_sd = distributed.model_state(raw), distributed.optimizer_state(raw, optimizer)
-        path = out / "ckpt" / f"step_{step:06d}"
-        if d.is_main:
-            meta = {"loader": loader_states, "config": resolved, "world_size": d.world_size}
-            path = checkpoint.save_state(out, step=step, model_state=model_sd, optim_state=optim_sd, meta=meta,
-                                         keep=cfg.run.keep_ckpts)
-        distributed.barrier()
-        return path
+        return resume.save(out, step, model=raw, optimizer=optimizer, loader=loader, resolved=resolved, d=d,
+                           keep=cfg.run.keep_ckpts)
 
     # ---------------------------------------------------------------- loop
     model.train()

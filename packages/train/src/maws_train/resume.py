@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from maws_train import checkpoint, distributed
 from maws_train.checkpoint import CheckpointError, list_states
 
 
@@ -77,3 +78,36 @@ def endless(loader: Any) -> Iterator[Any]:
     while True:
         yield from loader
         loader.set_epoch(loader.epoch + 1)
+
+
+def restore(resume_dir: Path, *, model: Any, optimizer: Any, loader: Any, config: dict[str, Any], kind: str,
+            d: distributed.Dist) -> dict[str, Any]:
+    """Load a checkpoint into the (wrapped-for-training) model, optimizer and loader; returns its meta.
+    Refused when it is another run's (check_same_run) or was written by another number of processes."""
+    model_sd, optim_sd, meta = checkpoint.load_state(resume_dir, rank=d.rank)
+    check_same_run(meta.get("config", {}), config, kind=kind, where=resume_dir)
+    if len(meta["loader"]) != d.world_size:  # the loader's epoch plan depends on the number of ranks
+        raise CheckpointError(f"{resume_dir} was written by {len(meta['loader'])} processes, this run has "
+                              f"{d.world_size}; resume with the same number of processes")
+    distributed.load_train_state(model, optimizer, model_sd, optim_sd, sharded=meta.get("shards") is not None)
+    loader.load_state_dict(meta["loader"][d.rank])
+    return meta
+
+
+def save(out: Path, step: int, *, model: Any, optimizer: Any, loader: Any, resolved: dict[str, Any],
+         d: distributed.Dist, keep: int) -> Path:
+    """A training checkpoint of step `step` (every rank calls it): FSDP2 runs write one shard per rank,
+    nothing gathered; others gather the full state on rank 0, which writes it."""
+    meta = {"loader": distributed.gather_objects(loader.state_dict(), d), "config": resolved,
+            "world_size": d.world_size}
+    if distributed.is_sharded(model):
+        model_shard, optim_shard = distributed.local_train_state(model, optimizer)
+        return checkpoint.save_state_shard(out, step=step, rank=d.rank, world_size=d.world_size,
+                                           model_shard=model_shard, optim_shard=optim_shard, meta=meta,
+                                           barrier=distributed.barrier, keep=keep)
+    model_sd, optim_sd = distributed.model_state(model), distributed.optimizer_state(model, optimizer)
+    path = out / "ckpt" / f"step_{step:06d}"
+    if d.is_main:
+        path = checkpoint.save_state(out, step=step, model_state=model_sd, optim_state=optim_sd, meta=meta, keep=keep)
+    distributed.barrier()
+    return path
