@@ -20,7 +20,8 @@ OUT/stages/), so re-running the same command is a no-op and an interrupted run c
 stopped (training itself resumes from its last checkpoint).
 
 Presets: `test` (a smoke run, ~1 min on 2 cores), `tiny` (the quickstart and the test suite, 2-3 min), `cpu` (the
-experiment: ~7 min on 2 idle cores per seed), `gpu_s16` / `gpu_b16` (one GPU).
+experiment: ~7 min on 2 idle cores per seed), `cpu_long` (the same with 2.5x the training steps, 16-19 min per
+seed), `gpu_s16` / `gpu_b16` (one GPU).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ PRESETS: dict[str, PipelinePreset] = {
         eval_train_per_class=200, eval_val_per_class=100, eval_batch_size=100,
         protocols=("linear", "knn", "fewshot"), eval_sets=("linear.seeds=0,1,2",),
     ),
-    # the same experiment with 2.5x the training steps of "cpu" (~17 min per seed on 2 idle cores)
+    # the same experiment with 2.5x the training steps of "cpu" (16-19 min per seed on 2 cores)
     "cpu_long": PipelinePreset(
         rows=0, image_size=96, min_count=5, img_size=64, batch_size=64, mae_steps=4000, wsp_steps=3000,
         eval_train_per_class=200, eval_val_per_class=100, eval_batch_size=100,
