@@ -114,7 +114,8 @@ def test_reused_output_buffers_never_overwrite_what_the_caller_keeps(tiny_build)
         del x
     assert len(ref) == 15 and multi.pooled_batches > multi._slots.numel() == 8
     assert 0 < int(multi._slots.sum()) <= len(kept) == 7  # the kept batches' buffers are still held
-    for i, v in kept.items():
+    assert multi._mapped == {}  # the epoch is over: the main process let go of the workers' buffers...
+    for i, v in kept.items():  # ...but what the caller kept is still mapped and intact
         assert np.array_equal(np.asarray(v), ref[i][1:3].numpy() if i % 3 == 0 else ref[i].numpy())
     kept.clear()
     assert int(multi._slots.sum()) == 0

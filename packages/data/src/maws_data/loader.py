@@ -454,7 +454,10 @@ class ShardLoader:
         ds = _PillowBatches(self.cfg, self._reader, plan, start=start, epoch=self.epoch, slots=self._slots)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                          prefetch_factor=self.cfg.prefetch_batches, persistent_workers=False)
-        yield from dl
+        try:
+            yield from dl
+        finally:  # the workers are gone: unmap their buffers (a batch the caller kept holds its own mapping)
+            self._mapped = {}
 
     def state_dict(self) -> dict:
         epoch, position = self.epoch, self.position
