@@ -117,6 +117,7 @@ def test_reused_output_buffers_never_overwrite_what_the_caller_keeps(tiny_build)
     assert multi._mapped == {}  # the epoch is over: the main process let go of the workers' buffers...
     for i, v in kept.items():  # ...but what the caller kept is still mapped and intact
         assert np.array_equal(np.asarray(v), ref[i][1:3].numpy() if i % 3 == 0 else ref[i].numpy())
+    del v  # the loop variable still holds the last kept batch
     kept.clear()
     assert int(multi._slots.sum()) == 0
 
@@ -258,7 +259,8 @@ def test_dali_keeps_one_pipeline_across_epochs(tiny_build):
 def test_process_forked_with_a_live_dali_pipeline_exits_cleanly(tiny_build):
     """The kept pipeline is alive when another loader forks its DataLoader workers; a child that
     collects its copy must not touch DALI's (absent) threads: without the at-fork guard it hangs
-    (or, in a DataLoader worker, dies with SIGSEGV)."""
+    (or, in a DataLoader worker, dies with SIGSEGV). A child that tries to use the loader gets an error
+    instead of a hang."""
     pytest.importorskip("nvidia.dali")
     import gc
     import os
@@ -269,6 +271,13 @@ def test_process_forked_with_a_live_dali_pipeline_exits_cleanly(tiny_build):
     next(it)  # the pipeline is built and running
     pid = os.fork()
     if pid == 0:
+        try:  # using the inherited loader is refused (its thread pools have no threads in the child)
+            loader.set_epoch(1)
+            next(iter(loader))
+            os._exit(2)
+        except RuntimeError as e:
+            if "forked" not in str(e):
+                os._exit(3)
         del it, loader
         gc.collect()
         os._exit(0)
@@ -283,10 +292,21 @@ def test_process_forked_with_a_live_dali_pipeline_exits_cleanly(tiny_build):
     assert next(it)[0].shape == (4, 3, S, S)  # the parent's pipeline still works
 
 
-def test_state_from_another_setup_is_refused(tiny_build):
+def test_state_from_another_setup_is_refused(tiny_build, tmp_path):
     state = build_loader(cfg(tiny_build, batch_size=4)).state_dict()
     with pytest.raises(ValueError, match="batch_size"):
         build_loader(cfg(tiny_build, batch_size=5)).load_state_dict(state)
+    # A rebuild with the same shard names and sample counts but other bytes (here: one vocabulary line
+    # changed) is other data: refused too.
+    rebuilt = tmp_path / "build"
+    shutil.copytree(tiny_build, rebuilt)
+    vocab = (rebuilt / "vocabulary.tsv").read_text().splitlines()
+    (rebuilt / "vocabulary.tsv").write_text("\n".join([vocab[0], vocab[1].replace("\t", "\tx", 1), *vocab[2:]]) + "\n")
+    other = build_loader(cfg(rebuilt, batch_size=4))
+    assert other.state_dict()["shards"] == state["shards"] and other.state_dict()["samples"] == state["samples"]
+    with pytest.raises(ValueError, match="was .* rebuilt"):
+        other.load_state_dict(state)
+    build_loader(cfg(tiny_build, batch_size=4)).load_state_dict(state)  # the same shards: accepted
 
 
 def test_too_few_samples_is_an_error(tiny_build):

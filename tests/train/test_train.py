@@ -168,6 +168,16 @@ def test_interrupted_wsp_run_resumes_to_the_same_weights(tiny_build, tmp_path, c
     assert losses(whole) == losses(resumed)
 
 
+def test_going_back_to_an_older_step_with_newer_ones_present_is_refused(mae_run, tiny_build, tmp_path):
+    """Resuming step 20 while step 30 sits in the same folder would mix two histories (pruning keeps the
+    newest steps; resume=auto after a crash would pick the abandoned one): refused, naming step 30."""
+    run = tmp_path / "run"
+    shutil.copytree(mae_run, run)
+    with pytest.raises(CheckpointError, match=r"step 20\) but .* holds newer checkpoints \(step_000030\)"):
+        mae.run(mae_cfg(tiny_build, run, f"run.resume={run / 'ckpt' / 'step_000020'}"))
+    assert [d.name for d in list_states(run)] == ["step_000020", "step_000030"]  # nothing touched
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_build, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     sets = ("run.steps=8", "run.ckpt_every=2", "run.keep_ckpts=0")

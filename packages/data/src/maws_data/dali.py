@@ -87,6 +87,7 @@ class DaliBatches:
         self._feeder: _Feeder | None = None
         self.pipelines_built = 0  # one for a whole run unless resumed elsewhere or a batch failed
         _LIVE.add(self)
+        self._pid = os.getpid()  # its thread pools and pipeline exist in this process only
         s = cfg.image_size
         self._outputs = BufferPool((cfg.batch_size, 3, s, s), 3)  # CPU outputs: the caller's, the next, one spare
 
@@ -144,6 +145,9 @@ class DaliBatches:
 
     def batches(self, epoch: int, *, start: int) -> Iterator[Batch]:
         """Batches start.. of `epoch` in plan order, on the kept pipeline when it is already there."""
+        if os.getpid() != self._pid:  # a forked child: the thread pools have no threads here and would hang
+            raise RuntimeError("a DALI loader cannot be used in a process forked from the one that built it; "
+                               "build a new loader in the child")
         s = self.cfg.image_size
         plan = self.plan_for(epoch)
         b = start

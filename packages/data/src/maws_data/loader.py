@@ -36,6 +36,7 @@ How an epoch is planned (the same for both backends, see docs/loader.md):
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import math
@@ -111,6 +112,7 @@ class SampleTable:
     labels: list[list[int]]    # label indices (vocabulary order) from KEY.json
     num_classes: int
     excluded: list[dict] = field(default_factory=list)  # samples dropped at build time, with reason
+    fingerprint: str = ""      # of the shards' names and byte sizes and the vocabulary: resume checks it
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -192,7 +194,13 @@ def load_table(spec: str | Sequence[str]) -> SampleTable:
     num_classes = len(Vocabulary.load(build)) if build else 0
     cols: dict[str, list] = {"shard": [], "off": [], "size": [], "keys": [], "labels": [], "wh": []}
     excluded: list[dict] = []
+    # A rebuild with other images or another vocabulary keeps the shard names and often the sample
+    # counts; the tar sizes and the vocabulary text tell it apart (cheap: no tar is read for it).
+    digest = hashlib.sha256()
+    if build and (build / "vocabulary.tsv").exists():
+        digest.update((build / "vocabulary.tsv").read_bytes())
     for si, tar in enumerate(tars):
+        digest.update(f"{tar.name}\t{tar.stat().st_size}\n".encode())
         idx_path, stats_path = tar.with_suffix(".idx"), tar.with_suffix(".json")
         if not idx_path.exists():
             raise FileNotFoundError(f"{idx_path} missing: every shard needs its DALI index beside it")
@@ -229,7 +237,7 @@ def load_table(spec: str | Sequence[str]) -> SampleTable:
                        shard=np.asarray(cols["shard"], np.int32), jpg_off=np.asarray(cols["off"], np.int64),
                        jpg_size=np.asarray(cols["size"], np.int64),
                        size=np.asarray(cols["wh"], np.int64).reshape(-1, 2), keys=cols["keys"], labels=cols["labels"],
-                       num_classes=num_classes, excluded=excluded)
+                       num_classes=num_classes, excluded=excluded, fingerprint=digest.hexdigest()[:16])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +476,7 @@ class ShardLoader:
                 "world_size": self.world_size, "batch_size": self.cfg.batch_size, "task": self.cfg.task,
                 "resample": self.cfg.resample, "shuffle": self.cfg.shuffled, "drop_last": self.cfg.drop_last,
                 "shards": self.table.shard_names, "samples": len(self.pool),
-                "skipped": dict(self.skipped)}
+                "fingerprint": self.table.fingerprint, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, d: dict) -> None:
         mine = self.state_dict()
@@ -478,6 +486,10 @@ class ShardLoader:
                 raise ValueError(f"loader state does not match this loader: {k} is {d.get(k)!r} in the state, "
                                  f"{mine[k]!r} here (the epoch plan would differ, so resuming would repeat "
                                  "or skip samples)")
+        if "fingerprint" in d and d["fingerprint"] != mine["fingerprint"]:  # (states from before it had none)
+            raise ValueError(f"loader state is from other shards: same names and sample count, but other tar sizes "
+                             f"or another vocabulary.tsv (fingerprint {d['fingerprint']} in the state, "
+                             f"{mine['fingerprint']} here): was {self.cfg.shards} rebuilt?")
         if not 0 <= d["batches"] <= self.batches_per_epoch:
             raise ValueError(f"state position {d['batches']} outside [0, {self.batches_per_epoch}]")
         self.epoch, self.position = int(d["epoch"]), int(d["batches"])

@@ -276,20 +276,45 @@ def _begin(run_dir: Path, step: int) -> Path:
     return tmp
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk: a rename is durable only after its directory is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some network filesystems refuse fsync on a directory: best effort there
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(step_dir: Path) -> None:
+    """Delete a checkpoint without ever leaving a partly deleted step_* that looks complete: hide it under
+    a .tmp- name first (the next save clears those), then delete."""
+    hidden = step_dir.with_name(f".tmp-{step_dir.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(step_dir, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def _finish(run_dir: Path, tmp: Path, *, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """state.json last, then the rename that makes the checkpoint visible; keep the newest `keep`."""
+    """state.json last, fsync, then the rename that makes the checkpoint visible; keep the newest `keep`."""
     (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1) + "\n")
+    _fsync(tmp / "state.json")
+    _fsync(tmp)
     final = run_dir / "ckpt" / f"step_{step:06d}"
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
+    _fsync(final.parent)
     for old in list_states(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    _fsync(path)
 
 
 def save_state(
@@ -353,7 +378,8 @@ def list_states(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(_STEP_DIR.match(d.name).group(1)))  # type: ignore[union-attr]
 
 
-def load_state(ckpt_dir: Path, *, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def load_state(ckpt_dir: Path, *, rank: int = 0, world_size: int | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(model state, optimizer state dict keyed by fqn, meta incl. "step") from one step directory.
 
     For a sharded checkpoint (meta["shards"] = N) the tensors are rank `rank`'s shards, to be loaded
@@ -362,11 +388,16 @@ def load_state(ckpt_dir: Path, *, rank: int = 0) -> tuple[dict[str, torch.Tensor
         raise CheckpointError(f"{ckpt_dir} is not a complete training checkpoint (no state.json)")
     meta = json.loads((ckpt_dir / "state.json").read_text())
     shards = meta.get("shards")
-    names = ("model.safetensors", "optim.safetensors") if shards is None else (
-        shard_file("model", rank, shards), shard_file("optim", rank, shards))
-    for name in names:
-        if not (ckpt_dir / name).exists():
-            raise CheckpointError(f"{ckpt_dir} is not a complete training checkpoint (no {name})")
+    if shards is not None and world_size is not None and shards != world_size:
+        raise CheckpointError(f"{ckpt_dir} holds {shards} shards (an FSDP2 run on {shards} processes); this run has "
+                              f"{world_size}: resume with the same number of processes")
+    # Every rank checks every file, so that a missing shard stops all ranks alike (none waits in a collective).
+    expected = ["model.safetensors", "optim.safetensors"] if shards is None else [
+        shard_file(kind, r, shards) for r in range(shards) for kind in ("model", "optim")]
+    missing = [name for name in expected if not (ckpt_dir / name).exists()]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir} is not a complete training checkpoint (no {', '.join(missing)})")
+    names = expected if shards is None else [shard_file("model", rank, shards), shard_file("optim", rank, shards)]
     model_state = load_file(str(ckpt_dir / names[0]))
     optim_state = _unflatten_optim(load_file(str(ckpt_dir / names[1])), meta.pop("param_groups"))
     return model_state, optim_state, meta

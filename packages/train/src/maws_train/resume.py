@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,22 @@ def find_resume_point(run_dir: Path, resume: str) -> Path | None:
         return None
     p = Path(resume)
     if (p / "state.json").exists():
-        return p
-    states = list_states(p)
-    if not states:
-        raise CheckpointError(f"--resume {p}: no complete checkpoint (ckpt/step_*/state.json) there")
-    return states[-1]
+        chosen = p
+    else:
+        states = list_states(p)
+        if not states:
+            raise CheckpointError(f"--resume {p}: no complete checkpoint (ckpt/step_*/state.json) there")
+        chosen = states[-1]
+    # Going back to an older step while newer ones sit in the output folder would mix two histories:
+    # pruning keeps the newest steps (it could delete what this run writes) and resume=auto after a
+    # crash would continue the abandoned one.
+    step = json.loads((chosen / "state.json").read_text())["step"]
+    newer = [s.name for s in list_states(run_dir)
+             if json.loads((s / "state.json").read_text())["step"] > step and s.resolve() != chosen.resolve()]
+    if newer:
+        raise CheckpointError(f"--resume {chosen} (step {step}) but {run_dir / 'ckpt'} holds newer checkpoints "
+                              f"({', '.join(newer)}): move or delete them to go back to step {step}, or use another --out")
+    return chosen
 
 
 # Settings a resumed run may change: how it runs, logs and checkpoints, and where files are. Every other
@@ -84,7 +96,7 @@ def restore(resume_dir: Path, *, model: Any, optimizer: Any, loader: Any, config
             d: distributed.Dist) -> dict[str, Any]:
     """Load a checkpoint into the (wrapped-for-training) model, optimizer and loader; returns its meta.
     Refused when it is another run's (check_same_run) or was written by another number of processes."""
-    model_sd, optim_sd, meta = checkpoint.load_state(resume_dir, rank=d.rank)
+    model_sd, optim_sd, meta = checkpoint.load_state(resume_dir, rank=d.rank, world_size=d.world_size)
     check_same_run(meta.get("config", {}), config, kind=kind, where=resume_dir)
     if len(meta["loader"]) != d.world_size:  # the loader's epoch plan depends on the number of ranks
         raise CheckpointError(f"{resume_dir} was written by {len(meta['loader'])} processes, this run has "
