@@ -99,7 +99,8 @@ class FullSequenceMAE(nn.Module):
         return m.forward_loss(imgs, pred, mask)
 
 
-def make_step(name: str, *, variant: str, img: int, classes: int, device: torch.device, compile: bool):
+def make_step(name: str, *, variant: str, img: int, classes: int, device: torch.device, compile: bool,
+              compile_mode: str = "default"):
     torch.manual_seed(0)
     if name == "wsp":
         module: nn.Module = Classifier(build_encoder(variant, img_size=img), classes)
@@ -114,7 +115,7 @@ def make_step(name: str, *, variant: str, img: int, classes: int, device: torch.
         def fwd(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
             return reference_mae_loss(mae, x, noise)
     if compile and device.type == "cuda" and name != "mae_ref":  # the reference stays eager
-        fwd = torch.compile(fwd)
+        fwd = torch.compile(fwd, mode=compile_mode)
     targets = torch.zeros(1, classes, device=device)
 
     def step(x: torch.Tensor, noise: torch.Tensor, autocast: bool) -> None:
@@ -144,6 +145,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     ap.add_argument("--only", nargs="*", default=["mae", "mae_ref", "mae_full", "wsp"])
@@ -156,7 +159,7 @@ def main() -> None:
     peak = args.peak_tflops or (H100_H200_BF16_DENSE_TFLOPS if device.type == "cuda" and autocast else 0.0)
     print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads) variant={args.variant} img={args.img} batch={batch} "
-          f"bf16={autocast} compile={args.compile and device.type == 'cuda'} peak={peak or 'n/a'} TFLOP/s")
+          f"bf16={autocast} compile={(args.compile and device.type == 'cuda') and args.compile_mode} peak={peak or 'n/a'} TFLOP/s")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, args.img, args.img, generator=gen).to(device)
     patches = (args.img // get_variant(args.variant).patch_size) ** 2
@@ -165,7 +168,7 @@ def main() -> None:
     results = {}
     for name in args.only:
         step = make_step(name, variant=args.variant, img=args.img, classes=args.classes, device=device,
-                         compile=args.compile)
+                         compile=args.compile, compile_mode=args.compile_mode)
         with FlopCounterMode(display=False) as counter:  # eager count of one fwd+bwd (+ optimizer: ~0 flops)
             make_step(name, variant=args.variant, img=args.img, classes=args.classes, device=device,
                       compile=False)(x, noise, autocast)

@@ -68,6 +68,9 @@ class RunConfig:
     keep_ckpts: int = 2
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
     compile: bool = False  # torch.compile on CUDA
+    # torch.compile mode: "max-autotune" searches kernel configs (and uses CUDA graphs) for more speed
+    # at a much longer first step; "reduce-overhead" only adds CUDA graphs
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # FSDP2 (fully_shard per block) for the large sizes
     resume: str = "auto"  # "auto" (latest ckpt in out), "never", or a ckpt/run directory
 

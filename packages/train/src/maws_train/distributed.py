@@ -63,7 +63,8 @@ def print0(*args: Any) -> None:
 
 
 def parallelize(
-    model: nn.Module, *, d: Dist, mode: Literal["ddp", "fsdp"], compile: bool, blocks: list[nn.Module]
+    model: nn.Module, *, d: Dist, mode: Literal["ddp", "fsdp"], compile: bool, blocks: list[nn.Module],
+    compile_mode: str = "default",
 ) -> nn.Module:
     """Wrap `model` for training; returns the module to call. State dicts are taken from `model` itself.
 
@@ -75,9 +76,9 @@ def parallelize(
     if compile and d.device.type == "cuda":
         if mode == "fsdp":
             for blk in blocks:
-                blk.compile()
+                blk.compile(mode=compile_mode)
         else:
-            model.compile()
+            model.compile(mode=compile_mode)
     if d.world_size == 1:
         return model
     if mode == "fsdp":

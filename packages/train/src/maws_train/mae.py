@@ -76,7 +76,7 @@ def run(cfg: MAEConfig) -> Path:
         norm_pix_loss=cfg.norm_pix_loss,
     ).to(d.device)
     blocks = [*raw.encoder.blocks, *raw.decoder_blocks]
-    model = distributed.parallelize(raw, d=d, mode=cfg.run.parallel, compile=cfg.run.compile, blocks=blocks)
+    model = distributed.parallelize(raw, d=d, mode=cfg.run.parallel, compile=cfg.run.compile, compile_mode=cfg.run.compile_mode, blocks=blocks)
     optimizer = build_optimizer(raw, cfg.optim, lr=lr_peak)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda" and cfg.run.precision == "bf16")
 

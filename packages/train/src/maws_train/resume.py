@@ -54,7 +54,7 @@ def find_resume_point(run_dir: Path, resume: str) -> Path | None:
 # field changes what is computed (model, objective, optimizer, schedule, data order), so a run resumed
 # with it changed would be neither the old run nor a new one.
 RESUMABLE_CHANGES = frozenset({
-    "run.out", "run.resume", "run.log_every", "run.ckpt_every", "run.keep_ckpts", "run.compile",
+    "run.out", "run.resume", "run.log_every", "run.ckpt_every", "run.keep_ckpts", "run.compile", "run.compile_mode",
     "data.num_workers", "data.backend",  # backends make the same crops; pixels agree within a grey level
     "data.shards",  # the path may move; the loader state checks that the shards themselves are the same
     "init",  # read only when a WSP run starts; a resumed run takes its weights from the checkpoint

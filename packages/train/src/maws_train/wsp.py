@@ -101,7 +101,7 @@ def run(cfg: WSPConfig) -> Path:
     lr_peak = peak_lr(cfg.optim, cfg.data.batch_size)
 
     raw = Classifier(encoder, num_classes).to(d.device)
-    model = distributed.parallelize(raw, d=d, mode=cfg.run.parallel, compile=cfg.run.compile, blocks=list(raw.encoder.blocks))
+    model = distributed.parallelize(raw, d=d, mode=cfg.run.parallel, compile=cfg.run.compile, compile_mode=cfg.run.compile_mode, blocks=list(raw.encoder.blocks))
     optimizer = build_optimizer(raw, cfg.optim, lr=lr_peak)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda" and cfg.run.precision == "bf16")
 
