@@ -217,6 +217,23 @@ def test_resume_with_other_settings_is_refused(mae_run, tiny_build, tmp_path):
     mae.run(mae_cfg(tiny_build, run, "run.log_every=3", "run.keep_ckpts=3"))  # allowed: resumes (already done)
 
 
+def torchrun(kind: str, build: Path, out: Path, *sets: str) -> None:
+    """`maws-train KIND` on 2 gloo processes (one thread each), killed with its workers after 400 s."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "maws_train.cli", kind, f"mu_{kind}", "--shards", str(build), "--out", str(out),
+           *[a for s in MAE_SETS + list(sets) for a in ("--set", s)]]
+    # Own session, so that a timeout takes the launcher's worker processes down with it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("kind,parallel", [
     ("mae", "ddp"),
@@ -227,20 +244,7 @@ def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, kind, parall
     sets = ["run.steps=4", "run.log_every=1", "run.ckpt_every=4", f"run.parallel={parallel}"]
     make_cfg, loop = (mae_cfg, mae) if kind == "mae" else (wsp_cfg, wsp)
     single = loop.run(make_cfg(tiny_build, tmp_path / "one", *sets))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "maws_train.cli", kind, f"mu_{kind}", "--shards", str(tiny_build), "--out", str(tmp_path / "two"),
-           *[a for s in MAE_SETS + sets for a in ("--set", s)]]
-    # Own session, so that a timeout takes the launcher's worker processes down with it.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    torchrun(kind, tiny_build, tmp_path / "two", *sets)
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["derived"]["world_size"] == 2 and config["derived"]["local_batch"] == 8
     one, two = losses(single), losses(tmp_path / "two")
@@ -250,22 +254,6 @@ def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, kind, parall
     a, b = load_file(str(single / "encoder.safetensors")), load_file(str(tmp_path / "two" / "encoder.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
-
-
-def torchrun(kind: str, build: Path, out: Path, *sets: str) -> None:
-    """`maws-train KIND` on 2 gloo processes (one thread each), killed with its workers after 400 s."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "maws_train.cli", kind, f"mu_{kind}", "--shards", str(build), "--out", str(out),
-           *[a for s in MAE_SETS + list(sets) for a in ("--set", s)]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
 
 
 @pytest.mark.dist
