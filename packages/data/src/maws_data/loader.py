@@ -416,8 +416,7 @@ class ShardLoader:
                 images = self._caller_view(batch)
             self.position += 1
             yield images, self.targets(batch.gids)
-            del images
-            del batch  # not held while the next batch is made: its buffer can be reused if the caller let go
+            del images, batch  # not held while the next batch is made: its buffer is reused if the caller let go
         if self.position != self.batches_per_epoch:  # a short epoch on one rank hangs the others' collectives
             raise RuntimeError(f"{self.backend} backend ended epoch {self.epoch} after {self.position} of "
                                f"{self.batches_per_epoch} batches")
