@@ -169,7 +169,7 @@ def build(cfg: BuildConfig) -> Path:
     dali_device = _dali_device() if decoder == "dali" else "cpu"
     tasks = list(make_tasks(df, plan, labels, shard_size=cfg.shard_size, shards_dir=shards_dir,
                             image_cfg=image_cfg, dali_device=dali_device, fingerprint=fingerprint,
-                            threads=cfg.threads))
+                            threads=cfg.threads, class_counts=vocab.counts))
     stats: dict[int, dict] = {}
     pending = []
     for t in tasks:
@@ -303,8 +303,8 @@ def _map_tags(plan: pl.DataFrame, cfg: BuildConfig) -> pl.DataFrame:
 
 
 def make_tasks(df: pl.DataFrame, plan: pl.DataFrame, labels: pl.DataFrame, *, shard_size: int, shards_dir: Path,
-               image_cfg: ImageConfig, dali_device: str, fingerprint: str, threads: int = 16
-               ) -> Iterator[ShardTask]:
+               image_cfg: ImageConfig, dali_device: str, fingerprint: str, threads: int = 16,
+               class_counts: tuple[int, ...] = ()) -> Iterator[ShardTask]:
     """Cut the rows into shards of `shard_size` consecutive input rows."""
     n = df.height
     images = df["image"].to_list()
@@ -324,7 +324,7 @@ def make_tasks(df: pl.DataFrame, plan: pl.DataFrame, labels: pl.DataFrame, *, sh
                                  wnids=kept[i], labels=idx[i]))
         yield ShardTask(index=s, first_row=start, end_row=end, rows=rows, skipped=skipped,
                         shards_dir=str(shards_dir), image=image_cfg, dali_device=dali_device,
-                        fingerprint=fingerprint, threads=threads)
+                        fingerprint=fingerprint, threads=threads, class_counts=class_counts)
 
 
 def _dali_device() -> str:
@@ -438,7 +438,8 @@ def _finish(out: Path, cfg: BuildConfig, resolved: dict, inputs: list[dict], fin
                    "skipped": dict(sorted(reasons.items()))},
         "classes": len(vocab),
         "shards": [{"name": f"{SHARDS_DIR}/{s['shard']}", "samples": s["samples"], "labeled": s["labeled"],
-                    "sha256": s["sha256"], "bytes": s["bytes"], "rows": s["rows"]}
+                    "sha256": s["sha256"], "bytes": s["bytes"], "rows": s["rows"],
+                    "sqrt_weight": s.get("sqrt_weight", 0.0)}
                    for s in all_stats if s["samples"]],
     }
     write_manifest(out, manifest)

@@ -15,7 +15,8 @@ Files, for shard NNNNNN in `shards/` (see ARCHITECTURE.md "Build output"):
   shard-NNNNNN.idx    DALI `fn.readers.webdataset` index, the format of DALI's tools/wds2idx.py:
                       "v1.2 <samples>\\n", then one line per sample: "<ext> <data offset> <size> <name>"
                       for each member, space-separated
-  shard-NNNNNN.json   stats (contract fields) + "fingerprint" (the build it belongs to) and
+  shard-NNNNNN.samples.npz  per-sample sidecar for the loader (maws_data.sidecar): offsets, sizes, labels
+  shard-NNNNNN.json   stats (contract fields) + label_counts / sqrt_weight (maws_data.sidecar.stats_fields) + "fingerprint" (the build it belongs to) and
                       "skipped_rows" (this shard's skipped rows, merged into skipped.jsonl at the end)
 Each is written under a temporary dot-name and renamed. A shard whose rows were all skipped has
 no tar and no index; its stats say `"shard": null, "samples": 0` and it is left out of the manifest.
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maws_data.images import ImageConfig, SkipSample, load_and_process_many, load_image_bytes, process_images_dali
-from maws_data.manifest import atomic_write_json, atomic_write_text, sha256_file
+from maws_data import sidecar
+from maws_data.manifest import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 # Fixed tar metadata: with these, the tar bytes depend only on the samples (reproducible builds).
 TAR_USER = "maws"
@@ -72,6 +74,7 @@ class ShardTask:
     dali_device: str = "cpu"
     fingerprint: str = ""
     threads: int = 16  # load/decode threads in the worker (does not change the output)
+    class_counts: tuple[int, ...] = ()  # vocabulary counts, for the shard's sqrt_weight (sidecar.stats_fields)
 
     @property
     def stem(self) -> str:
@@ -121,6 +124,8 @@ def write_shard(task: ShardTask) -> dict:
     tmp_tar = shards / f".{task.stem}.tar.tmp"
     skipped = list(task.skipped)
     samples = labeled = 0
+    written_labels: list[list[int]] = []
+    written_sizes: list[tuple[int, int]] = []
     with open(tmp_tar, "wb") as f:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for r, res in zip(task.rows, _images(task)):
@@ -132,6 +137,8 @@ def write_shard(task: ShardTask) -> dict:
                 add_sample(tar, r.key, {"jpg": jpeg, "cls": cls, "json": sample_json(r, w, h)})
                 samples += 1
                 labeled += bool(r.labels)
+                written_labels.append(r.labels)
+                written_sizes.append((w, h))
         f.flush()
         os.fsync(f.fileno())
     skipped.sort(key=lambda s: s["row"])
@@ -139,6 +146,7 @@ def write_shard(task: ShardTask) -> dict:
         index = dali_index(tmp_tar)
         os.replace(tmp_tar, tar_path)  # the tar first: an index never names a tar that is not there yet
         atomic_write_text(idx_path, index)
+        atomic_write_bytes(shards / f"{task.stem}{sidecar.SUFFIX}", sidecar.encode(index, written_labels, written_sizes))
         digest, size, name = sha256_file(tar_path), tar_path.stat().st_size, tar_path.name
     else:
         tmp_tar.unlink()
@@ -148,7 +156,7 @@ def write_shard(task: ShardTask) -> dict:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
     stats = {"shard": name, "samples": samples, "labeled": labeled, "sha256": digest, "bytes": size,
              "rows": [task.first_row, task.end_row], "skipped": reasons, "skipped_rows": skipped,
-             "fingerprint": task.fingerprint}
+             "fingerprint": task.fingerprint, **sidecar.stats_fields(written_labels, task.class_counts)}
     atomic_write_json(shards / f"{task.stem}.json", stats)  # last: the commit marker
     return stats
 
@@ -204,7 +212,7 @@ def completed_stats(shards_dir: str | Path, index: int, fingerprint: str, *, ver
         tar_path = shards / f"{stem}.tar"
         if not tar_path.is_file() or tar_path.stat().st_size != stats["bytes"]:
             return None
-        if not (shards / f"{stem}.idx").is_file():
+        if not (shards / f"{stem}.idx").is_file() or not (shards / f"{stem}{sidecar.SUFFIX}").is_file():
             return None
         if verify and sha256_file(tar_path) != stats["sha256"]:
             return None
