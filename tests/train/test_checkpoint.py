@@ -92,3 +92,101 @@ def test_training_state_round_trips_without_pickle_and_keeps_the_newest(tmp_path
     assert osd["param_groups"][0]["betas"] == (0.9, 0.95)
     for name in ("model.safetensors", "optim.safetensors"):  # safetensors, loadable without torch.load/pickle
         assert (list_states(tmp_path)[-1] / name).read_bytes()[8:9] == b"{"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Released weights in their exact formats (issue 13: items 10-12)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_maws_finetuned_b16_512_loads_at_224_with_pos_embed_resampled(tmp_path):
+    """MAWS's `vit_b16_512.pt`: a timm ViT-B/16 state dict at 512 px with its 1000-class head, torch.save'd."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    released = timm.create_model("vit_base_patch16_224", img_size=512, num_classes=1000).eval()
+    torch.save(released.state_dict(), tmp_path / "vit_b16_512.pt")
+    enc, info = load_encoder(tmp_path / "vit_b16_512.pt", img_size=224)
+    assert (info["variant"], info["img_size"], info["native_img_size"]) == ("b16", 224, 512)
+    assert enc.pos_embed.shape == (1, 197, 768) and "head.weight" in info["dropped_keys"]
+    assert any("32x32 to a 14x14 patch grid" in n for n in info["notes"]), info["notes"]
+    expected = resample_abs_pos_embed(released.pos_embed.detach(), new_size=[14, 14], num_prefix_tokens=1)
+    assert torch.equal(enc.pos_embed.detach(), expected)
+    assert torch.equal(enc.pos_embed[:, :1], released.pos_embed[:, :1])  # the cls row is kept as is
+    assert torch.equal(enc.blocks[3].mlp.fc1.weight, released.blocks[3].mlp.fc1.weight)
+    # at its own size nothing is resampled and the features are the released model's pooled output
+    same, info = load_encoder(tmp_path / "vit_b16_512.pt")
+    assert info["img_size"] == 512 and info["notes"] == []
+    x = torch.randn(1, 3, 512, 512)
+    with torch.no_grad():
+        assert torch.allclose(same.eval()(x), released.forward_head(released.forward_features(x), pre_logits=True),
+                              atol=1e-5)
+
+
+def test_our_export_loads_at_another_size(exported):
+    _, run = exported
+    bigger, info = load_encoder(run, img_size=64)
+    assert bigger.pos_embed.shape == (1, 1 + 8 * 8, 64) and info["native_img_size"] == 32
+    assert info["kwargs"]["img_size"] == 64 and "from 32 px to 64 px" in info["notes"][0]
+    with pytest.raises(CheckpointError, match="not a multiple of the mu patch size 8"):
+        load_encoder(run, img_size=60)
+
+
+def test_mae_finetuned_global_pool_layout_is_mapped_and_said(tmp_path):
+    """MAE main_finetune.py with --global_pool: `fc_norm.*` after the mean patch token, no `norm.*`, a head;
+    saved as {"model": ..., "optimizer": ..., "epoch": ..., "scaler": ..., "args": Namespace}."""
+    import argparse
+
+    from maws_train.models import encoder_kwargs
+
+    torch.manual_seed(2)
+    mae_ft = timm.create_model("vit_tiny_patch16_224", **encoder_kwargs("mu", img_size=32, global_pool="avg"),
+                               num_classes=1000).eval()
+    state = mae_ft.state_dict()
+    assert "fc_norm.weight" in state and not any(k.startswith("norm.") for k in state)  # MAE's layout exactly
+    torch.save({"model": state, "epoch": 99, "args": argparse.Namespace(global_pool=True, nb_classes=1000)},
+               tmp_path / "mae_finetuned.pth")
+    enc, info = load_encoder(tmp_path / "mae_finetuned.pth")
+    assert info["kwargs"]["global_pool"] == "avg" and any("fc_norm" in n for n in info["notes"])
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = mae_ft.fc_norm(mae_ft.forward_features(x)[:, 1:].mean(1))  # MAE's forward_features(global_pool)
+        assert torch.allclose(enc.eval()(x), want, atol=1e-6)
+    # the fine-tune protocol rebuilds the model from info["kwargs"]: same pooling there
+    rebuilt = timm.create_model(info["timm_name"], **info["kwargs"], num_classes=0)
+    rebuilt.load_state_dict(enc.state_dict())
+
+
+def test_mae_pretraining_script_checkpoint_with_args_loads_pickle_safe(tmp_path):
+    """MAE main_pretrain.py's misc.save_model: {"model", "optimizer", "epoch", "scaler", "args": argparse.Namespace};
+    MAE's key names are ours without the "encoder." prefix (models_mae.py)."""
+    import argparse
+
+    from maws_train.models import MaskedAutoencoder
+
+    torch.manual_seed(3)
+    mae = MaskedAutoencoder(build_encoder("mu", img_size=32), decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+    mae(torch.randn(2, 3, 32, 32))[0].backward()
+    opt.step()
+    args = argparse.Namespace(model="mae_vit_base_patch16", input_size=32, mask_ratio=0.75, norm_pix_loss=True,
+                              blr=1.5e-4, output_dir="./output_dir", device="cuda", resume="")
+    model_state = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()}
+    torch.save({"model": model_state, "optimizer": opt.state_dict(), "epoch": 799,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0}, "args": args}, tmp_path / "checkpoint-799.pth")
+    enc, info = load_encoder(tmp_path / "checkpoint-799.pth")
+    assert info["variant"] == "mu" and "mask_token" in info["dropped_keys"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc.eval()(x), mae.encoder.eval()(x))
+
+
+class NotAllowed:  # a class the unpickler must still refuse
+    pass
+
+
+def test_other_pickled_objects_are_still_refused(tmp_path):
+    torch.save({"model": build_encoder("mu", img_size=32).state_dict(), "args": NotAllowed()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_encoder(tmp_path / "evil.pth")

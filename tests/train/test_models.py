@@ -127,22 +127,63 @@ def test_classifier_head_starts_at_zero_and_sees_pooled_cls():
     assert enc(x).shape == (2, enc.num_features)
 
 
-def test_no_weight_decay_on_norms_biases_pos_embeds_tokens_and_frozen_params_left_out():
+def test_weight_decay_follows_mae_reference_tokens_decayed_norms_biases_not_frozen_left_out():
     mae = _mae()
-    decay, no_decay = param_groups(mae, 0.05)
     names = {id(p): n for n, p in mae.named_parameters()}
+    decay, no_decay = param_groups(mae, 0.05)
     decayed = {names[id(p)] for p in decay["params"]}
     plain = {names[id(p)] for p in no_decay["params"]}
-    assert "encoder.cls_token" in plain and "mask_token" in plain and "encoder.norm.weight" in plain
+    # timm 0.3.2 add_weight_decay (MAE main_pretrain): every tensor with ndim > 1 is decayed, tokens included
+    assert "encoder.cls_token" in decayed and "mask_token" in decayed
+    assert "encoder.norm.weight" in plain and "decoder_norm.bias" in plain
     assert "encoder.blocks.0.attn.qkv.bias" in plain and "encoder.blocks.0.attn.qkv.weight" in decayed
     # MAE's sin-cos tables are fixed: not optimised at all.
     assert "encoder.pos_embed" not in decayed | plain and "decoder_pos_embed" not in decayed | plain
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decayed | plain == {n for n, p in mae.named_parameters() if p.requires_grad}
+    # the old choice, behind optim.decay_tokens=false
+    decay, no_decay = param_groups(mae, 0.05, decay_tokens=False)
+    assert {"encoder.cls_token", "mask_token"} <= {names[id(p)] for p in no_decay["params"]}
+    assert {"encoder.cls_token", "mask_token"}.isdisjoint(names[id(p)] for p in decay["params"])
+    # a learned pos_embed (WSP) is never decayed, whatever decay_tokens says
+    enc = build_encoder("mu", img_size=32)
+    enc_names = {id(p): n for n, p in enc.named_parameters()}
+    assert "pos_embed" in {enc_names[id(p)] for p in param_groups(enc, 0.1)[1]["params"]}
+
+
+def test_optimizer_reads_decay_tokens_from_the_config():
+    from maws_train.optim import build_optimizer
+
+    mae = _mae()
+    for flag, expect in ((True, 0.05), (False, 0.0)):
+        cfg = override(MAEConfig(), [f"optim.decay_tokens={str(flag).lower()}"]).optim
+        opt = build_optimizer(mae, cfg, lr=1e-3)
+        group = next(g for g in opt.param_groups if any(p is mae.mask_token for p in g["params"]))
+        assert group["weight_decay"] == expect
+
+
+def test_decoder_layernorm_eps_is_1e6_even_where_timm_blocks_default_to_1e5(monkeypatch):
+    """timm 1.0.0-1.0.15's Block defaults to nn.LayerNorm (eps 1e-5); MAE's decoder uses 1e-6. Emulate the old
+    default and check every decoder norm still has MAE's eps (the encoder's come from timm's ViT: 1e-6)."""
+    import maws_train.models.mae as mae_mod
+    from timm.models.vision_transformer import Block
+
+    class OldTimmBlock(Block):
+        def __init__(self, *args, norm_layer=torch.nn.LayerNorm, **kwargs):
+            super().__init__(*args, norm_layer=norm_layer, **kwargs)
+
+    monkeypatch.setattr(mae_mod, "Block", OldTimmBlock)
+    mae = _mae()
+    decoder_norms = [m for n, m in mae.named_modules() if n.startswith("decoder") and isinstance(m, torch.nn.LayerNorm)]
+    assert len(decoder_norms) == 3  # norm1, norm2 of the one block + decoder_norm
+    encoder_norms = [m for m in mae.encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert {m.eps for m in decoder_norms + encoder_norms} == {1e-6}
 
 
 def test_lr_warms_up_linearly_per_step_then_follows_a_cosine():
     kw = {"peak": 1.0, "total_steps": 110, "warmup_steps": 10, "min_lr": 0.1}
-    assert [lr_at(s, **kw) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    # MAE lr_sched: lr = peak * s / W during warmup (step 0 at 0), peak at step W
+    assert [lr_at(s, **kw) for s in (0, 1, 4, 9)] == [0.0, 0.1, 0.4, 0.9]
     assert lr_at(10, **kw) == 1.0
     assert math.isclose(lr_at(60, **kw), 0.1 + 0.9 * 0.5)
     assert math.isclose(lr_at(110, **kw), 0.1)

@@ -296,3 +296,28 @@ def test_bf16_compiled_cuda_run_tracks_fp32(tiny_build, tmp_path):
     bf16 = losses(mae.run(mae_cfg(tiny_build, tmp_path / "bf16", *sets, "run.precision=bf16", "run.compile=true")))
     assert abs(bf16[1] - fp32[1]) < 0.02 * fp32[1]
     assert bf16[10] < bf16[1]
+
+
+def test_wsp_init_at_another_size_resamples_and_maps_mae_global_pool(tmp_path):
+    """WSP --init from a 32 px encoder into a 64 px WSP model, and from MAE's fine-tuned fc_norm layout."""
+    import timm
+    from maws_train.models import encoder_kwargs
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    small = build_encoder("mu", img_size=32)
+    export_encoder(small, tmp_path / "mae32", variant="mu", img_size=32)
+    encoder = build_encoder("mu", img_size=64)
+    report = wsp.init_from(encoder, str(tmp_path / "mae32"))
+    assert report["missing"] == [] and any("4x4 to a 8x8 patch grid" in n for n in report["notes"])
+    want = resample_abs_pos_embed(small.pos_embed.detach(), new_size=[8, 8], num_prefix_tokens=1)
+    assert torch.equal(encoder.pos_embed.detach(), want)
+    assert wsp.init_summary(report)["notes"] == report["notes"]
+
+    mae_ft = timm.create_model("vit_tiny_patch16_224", **encoder_kwargs("mu", img_size=32, global_pool="avg"),
+                               num_classes=10)
+    torch.save({"model": mae_ft.state_dict()}, tmp_path / "mae_ft.pth")
+    encoder = build_encoder("mu", img_size=32)
+    report = wsp.init_from(encoder, str(tmp_path / "mae_ft.pth"))
+    assert report["missing"] == [] and any("fc_norm.* loaded as norm.*" in n for n in report["notes"])
+    assert torch.equal(encoder.norm.weight, mae_ft.fc_norm.weight)

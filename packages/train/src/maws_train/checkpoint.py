@@ -24,7 +24,9 @@ here uses pickle: tensors are safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -89,7 +92,8 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a torch checkpoint (weights_only, no arbitrary pickle).
 
     Accepts a bare state dict or one nested under "model" / "state_dict" / "model_state" (MAE and
-    timm training scripts save them that way).
+    timm training scripts save them that way). MAE's scripts also save `"args": argparse.Namespace`;
+    that one class is allow-listed for the unpickler, nothing else is.
     """
     p = Path(path)
     if not p.exists():
@@ -100,7 +104,8 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
         if p.suffix == ".safetensors":
             obj: Any = load_file(str(p), device="cpu")
         else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):  # scoped add_safe_globals
+                obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch's unpickler raises arbitrary types (KeyError, UnpicklingError, ...) on junk
         raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict):
@@ -117,8 +122,9 @@ def encoder_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     """Reduce any of our or timm's state dicts to timm encoder keys.
 
     Strips wrapper prefixes (module., _orig_mod., encoder.) and drops everything that is not part of a
-    headless VisionTransformer (MAE decoder, mask token, classifier heads). Returns (encoder state,
-    dropped keys).
+    headless VisionTransformer (MAE decoder, mask token, classifier heads). `fc_norm.*` is kept only
+    when there is no `norm.*`: that is MAE's fine-tuned global-pool layout (see `load_encoder`).
+    Returns (encoder state, dropped keys).
     """
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
@@ -130,10 +136,13 @@ def encoder_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
             for prefix in _WRAPPER_PREFIXES:
                 if k.startswith(prefix):
                     k, changed = k[len(prefix) :], True
-        if k.startswith(("decoder", "mask_token", "head.", "fc_norm.")) or k == "head":
+        if k.startswith(("decoder", "mask_token", "head.")) or k == "head":
             dropped.append(key)
         else:
             out[k] = value
+    if "norm.weight" in out:  # a final norm and an fc_norm: the usual (token-pooled) encoder; fc_norm is head-side
+        dropped += [k for k in out if k.startswith("fc_norm.")]
+        out = {k: v for k, v in out.items() if not k.startswith("fc_norm.")}
     return out, dropped
 
 
@@ -178,6 +187,25 @@ def _locate(path: Path) -> tuple[Path, dict[str, Any] | None]:
     return path, None
 
 
+def fit_pos_embed(state: dict[str, torch.Tensor], model: VisionTransformer, *, source: str) -> str | None:
+    """Resample `state["pos_embed"]` (in place) to `model`'s patch grid when they differ: an encoder
+    trained at one size (MAWS's 512 px fine-tunes, a 32 px test run) loaded at another. Bicubic, with
+    the cls row kept as is (timm's `resample_abs_pos_embed`, what timm does for pretrained weights).
+    Returns a note saying what was done, or None when nothing was."""
+    pe, own = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if pe is None or own is None or pe.shape == own.shape or pe.ndim != 3 or pe.shape[-1] != own.shape[-1]:
+        return None  # same grid, or not a resampling case (load_into names the mismatch)
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    old = math.isqrt(pe.shape[1] - prefix)
+    if old * old != pe.shape[1] - prefix:
+        return None
+    new = list(model.patch_embed.grid_size)
+    state["pos_embed"] = resample_abs_pos_embed(pe, new_size=new, old_size=[old, old], num_prefix_tokens=prefix)
+    p = model.patch_embed.patch_size[0]
+    return (f"{source}: pos_embed resampled (bicubic) from a {old}x{old} to a {new[0]}x{new[1]} patch grid, "
+            f"i.e. from {old * p} px to {new[0] * p} px")
+
+
 def load_encoder(
     path: Path | str, *, variant: str | None = None, img_size: int | None = None
 ) -> tuple[VisionTransformer, dict[str, Any]]:
@@ -186,25 +214,43 @@ def load_encoder(
     With our export the architecture comes from encoder.json. For other files it is `variant` /
     `img_size` when given, else inferred from tensor shapes (`infer_architecture`). Loading is strict
     on encoder keys; head/decoder keys in the file are dropped and listed in info["dropped_keys"].
+    Adjustments, each listed in info["notes"]:
+      - `img_size` other than the file's: pos_embed resampled to the new grid (`fit_pos_embed`);
+      - MAE's fine-tuned global-pool layout (`fc_norm.*`, no `norm.*`): built as timm's
+        `global_pool="avg"` ViT, whose `fc_norm` after the mean of the patch tokens is exactly MAE's.
+    info["native_img_size"] is the size the file was trained at.
     Raises CheckpointError for a missing file, a non-checkpoint, or a wrong architecture.
     """
     weights, meta = _locate(Path(path))
     state, dropped = encoder_state(read_state_dict(weights))
-    if meta is not None:
-        variant = variant or meta["variant"]
-        img_size = img_size or int(meta["img_size"])
-    if variant is None or img_size is None:
+    notes: list[str] = []
+    overrides: dict[str, Any] = {}
+    if "fc_norm.weight" in state:
+        overrides["global_pool"] = "avg"
+        notes.append(f"{weights}: MAE global-pool layout (fc_norm.*, no norm.*): loaded as timm global_pool='avg' "
+                     "(features = fc_norm of the mean patch token, as MAE's fine-tuned model)")
+    native = int(meta["img_size"]) if meta is not None else None
+    variant = variant or (meta["variant"] if meta is not None else None)
+    if variant is None or native is None:
         guessed_variant, guessed_size = infer_architecture(state)
-        variant, img_size = variant or guessed_variant, img_size or guessed_size
-    encoder = build_encoder(variant, img_size=img_size)
+        variant, native = variant or guessed_variant, native or guessed_size
+    img_size = img_size or native
+    try:
+        encoder = build_encoder(variant, img_size=img_size, **overrides)
+    except ValueError as e:  # img_size not a multiple of the patch size
+        raise CheckpointError(f"{weights}: {e}") from None
+    if (note := fit_pos_embed(state, encoder, source=str(weights))) is not None:
+        notes.append(note)
     load_into(encoder, state, source=str(weights), strict=True)
     info = {
         "timm_name": get_variant(variant).timm_name,
-        "kwargs": encoder_kwargs(variant, img_size=img_size),
+        "kwargs": encoder_kwargs(variant, img_size=img_size, **overrides),
         "variant": variant,
         "img_size": img_size,
+        "native_img_size": native,
         "path": str(weights),
         "dropped_keys": dropped,
+        "notes": notes,
     }
     return encoder, info
 

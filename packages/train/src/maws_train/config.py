@@ -37,10 +37,13 @@ class DecoderConfig:
 class OptimConfig:
     base_lr: float = 1.5e-4  # per 256 images; lr = base_lr * data.batch_size / 256
     min_lr: float = 0.0  # floor of the cosine
-    weight_decay: float = 0.05  # not applied to norms, biases, position embeddings, tokens
+    weight_decay: float = 0.05  # not applied to norms, biases (1-d tensors) or position embeddings
+    # MAE reference (timm 0.3.2 add_weight_decay): cls/mask tokens are decayed like every tensor with
+    # ndim > 1. False: keep them out of weight decay (this project's choice before 2026-12).
+    decay_tokens: bool = True
     beta1: float = 0.9
     beta2: float = 0.95
-    warmup_frac: float = 0.05  # linear warmup over this fraction of the steps, per step, then cosine
+    warmup_frac: float = 0.05  # linear warmup (peak*s/W at step s, as MAE) over this fraction of the steps, then cosine
     grad_clip: float = 0.0  # max global grad norm; 0 = off (MAE uses none)
 
     def __post_init__(self) -> None:

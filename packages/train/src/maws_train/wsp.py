@@ -35,10 +35,18 @@ from maws_train.resume import endless, find_resume_point, step_seed
 def init_from(encoder: torch.nn.Module, path: str) -> dict:
     """Load MAE (or any timm ViT) encoder weights into `encoder`; decoder/head keys are dropped.
 
-    Raises CheckpointError (missing file, not a checkpoint, wrong architecture). Returns a report of
-    the keys loaded, missing (kept at their fresh init) and dropped.
+    An encoder trained at another image size has its pos_embed resampled to this one's grid; MAE's
+    fine-tuned global-pool layout has its `fc_norm.*` loaded as `norm.*` (WSP pools the cls token).
+    Both are listed in the report's "notes". Raises CheckpointError (missing file, not a checkpoint,
+    wrong architecture). Returns a report of the keys loaded, missing (kept at their fresh init) and dropped.
     """
     state, dropped, source = checkpoint.read_init_encoder(path)
+    notes = []
+    if "fc_norm.weight" in state:
+        state |= {k.replace("fc_norm.", "norm.", 1): state.pop(k) for k in [k for k in state if k.startswith("fc_norm.")]}
+        notes.append(f"{source}: MAE global-pool layout: fc_norm.* loaded as norm.* (WSP pools the cls token)")
+    if (note := checkpoint.fit_pos_embed(state, encoder, source=str(source))) is not None:
+        notes.append(note)
     report = checkpoint.load_into(encoder, state, source=str(source), strict=False)
     if report["unexpected"]:  # encoder tensors with no place here: a deeper model, or other parts
         raise checkpoint.CheckpointError(
@@ -50,14 +58,14 @@ def init_from(encoder: torch.nn.Module, path: str) -> dict:
             f"--init {path}: only {len(report['loaded'])} of {len(encoder.state_dict())} encoder tensors found "
             f"(missing e.g. {report['missing'][:5]}); is this an encoder of the same architecture?"
         )
-    return {"source": str(source), **report, "dropped": dropped}
+    return {"source": str(source), **report, "dropped": dropped, "notes": notes}
 
 
 def init_summary(report: dict | None) -> dict | None:
     """What config.json records of --init (a report from `init_from`, or one already summarised)."""
     if report is None or isinstance(report.get("loaded"), int):
         return report
-    return {k: report[k] for k in ("source", "missing", "dropped")} | {"loaded": len(report["loaded"])}
+    return {k: report[k] for k in ("source", "missing", "dropped", "notes")} | {"loaded": len(report["loaded"])}
 
 
 def run(cfg: WSPConfig) -> Path:
@@ -79,6 +87,8 @@ def run(cfg: WSPConfig) -> Path:
             f"--init {init_report['source']}: loaded {len(init_report['loaded'])} encoder tensors, "
             f"missing {init_report['missing'] or 'none'}, dropped {len(init_report['dropped'])} non-encoder tensors"
         )
+        for note in init_report["notes"]:
+            distributed.print0(f"--init note: {note}")
 
     # ---------------------------------------------------------------- data
     loader = build_loader(

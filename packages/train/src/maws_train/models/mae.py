@@ -11,6 +11,8 @@ of uniform noise, keep the first K) -> prepend cls -> encoder blocks on K+1 toke
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -73,7 +75,9 @@ class MaskedAutoencoder(nn.Module):
         # Fixed (non-trainable) sin-cos; a buffer would also work but a frozen Parameter keeps MAE's key names.
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(decoder_depth)]
+            # eps explicit, as MAE: timm 1.0.0-1.0.15's Block defaults to nn.LayerNorm (eps 1e-5), later ones to 1e-6
+            [Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+             for _ in range(decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * 3, bias=True)
