@@ -9,7 +9,7 @@ import pytest
 import torch
 from maws_eval.config import DataConfig, FewshotConfig, FinetuneConfig, LinearConfig
 from maws_eval.datasets import DatasetError, open_dataset
-from maws_eval.evaluate import ProtocolConfigs, evaluate, feature_set, parse_encoder
+from maws_eval.evaluate import ProtocolConfigs, evaluate, feature_set, parse_encoder, with_sha256
 from maws_eval.features import extract
 from maws_train.checkpoint import export_encoder
 from maws_train.models import build_encoder
@@ -54,7 +54,7 @@ def test_features_are_cached_and_reused(encoder_dir, tmp_path):
         calls.append(kw["desc"])
         return extract(module, batches, **kw)
 
-    enc = parse_encoder(str(encoder_dir))
+    enc = with_sha256(parse_encoder(str(encoder_dir)))
     assert enc.id == "random-init" and len(enc.sha256) == 64
     ds = open_dataset(IMAGENETTE, DATA)
     first = feature_set(enc, ds, data_cfg=DATA, cache_dir=tmp_path, extractor=counting_extractor)
@@ -75,7 +75,7 @@ def test_features_are_cached_and_reused(encoder_dir, tmp_path):
 
 
 def test_evaluate_writes_one_result_per_number(encoder_dir, tmp_path):
-    enc = parse_encoder(f"floor={encoder_dir}")
+    enc = with_sha256(parse_encoder(f"floor={encoder_dir}"))
     configs = ProtocolConfigs(linear=LinearConfig(l2_grid=(1e-3, 1e-1)), fewshot=FewshotConfig(shots=(1, 2), seeds=(0, 1)),
                               finetune=FinetuneConfig(steps=3, batch_size=8, seeds=(0,)))
     paths = evaluate([enc], IMAGENETTE, protocols=("linear", "knn", "fewshot", "finetune"), out_dir=tmp_path / "res",

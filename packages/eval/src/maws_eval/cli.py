@@ -95,8 +95,12 @@ def all_(encoders: EncodersArg, data: DataOpt, out: OutOpt,
          cache_dir: CacheOpt = None, no_cache: NoCacheOpt = False, set_: SetOpt = [],  # noqa: B006
          dataset_name: NameOpt = None, val_data: ValOpt = None) -> None:
     """Several protocols in one go (features extracted once per encoder)."""
-    _run([p.strip() for p in protocols.split(",") if p.strip()], encoders, data, out, cache_dir, no_cache, set_,
-         dataset_name, val_data)
+    names = [p.strip() for p in protocols.split(",") if p.strip()]
+    if not names:
+        typer.secho(f"error: --protocols {protocols!r} names no protocol; give a comma-separated list from "
+                    f"{', '.join(PROTOCOLS)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    _run(names, encoders, data, out, cache_dir, no_cache, set_, dataset_name, val_data)
 
 
 @app.command()
@@ -113,9 +117,11 @@ def report(
     from maws_eval.report import write_report
 
     try:
-        write_report(results, out_dir=out, run_dirs=runs, encoder_order=order.split(",") if order else (),
-                     across_runs=across_runs)
+        rep = write_report(results, out_dir=out, run_dirs=runs, encoder_order=order.split(",") if order else (),
+                           across_runs=across_runs)
     except (ValueError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
+    for warning in rep["warnings"]:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(str(out / "report.md"))

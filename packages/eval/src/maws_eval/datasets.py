@@ -1,14 +1,19 @@
 """Labeled image datasets for evaluation: an ImageFolder tree or labeled shards from `maws-data build`.
 
 ImageFolder layout (Imagenette, ImageNet):  ROOT/train/<class>/<image>, ROOT/val/<class>/<image>.
-Classes are the sorted folder names of train/ (val must not add classes); files are sorted, so the
-same tree always yields the same (path, label) list. `max_*_per_class` takes a seeded per-class
+Classes are the sorted folder names of train/ that hold at least one image (empty class folders are
+left out, with a note); val must have images for exactly those classes (a mismatch is an error that
+names the folders). Files are sorted, so the same tree always yields the same (path, label) list. `max_*_per_class` takes a seeded per-class
 subsample (tiny presets); the fingerprint of the chosen list keys the feature cache.
 
 Shards (a `maws-data build` output dir with manifest.json): labeled samples only (first label,
 the `.cls` member), classes = vocabulary.tsv's wnids; val is a second build (`val_path`) or a
 deterministic `val_fraction` of samples chosen by a hash of the sample key. Images are read by
 byte range from the tars, through the same eval transform as ImageFolder images.
+
+A file that cannot be decoded (corrupt, not an image, a decompression bomb over Pillow's pixel
+limit) is a DatasetError naming it, also when it is read in a DataLoader worker process
+(`EvalDataset.batches` carries the error back instead of letting torch wrap it in a traceback).
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import hashlib
 import io
 import json
 import random
+import struct
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from maws_data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, torchvision_transform
@@ -36,6 +42,23 @@ Split = Literal["train", "val"]
 
 class DatasetError(ValueError):
     """The dataset on disk is not what the evaluation expects (names the path and what was wrong)."""
+
+
+# What Pillow raises on a bad file: OSError (incl. UnidentifiedImageError, truncated data), the
+# decompression-bomb check (not an OSError), and what broken headers raise from plugins' decoders.
+_DECODE_ERRORS = (OSError, Image.DecompressionBombError, ValueError, SyntaxError, struct.error)
+
+
+def decode(source: Path | io.BytesIO, where: str) -> Image.Image:
+    """Open and fully decode an image; any decoding failure is a DatasetError naming `where`."""
+    try:
+        im = Image.open(source)
+        im.load()
+        return im
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{where}: refused as a decompression bomb ({e}); remove or shrink this file") from None
+    except _DECODE_ERRORS as e:
+        raise DatasetError(f"{where}: cannot decode image ({type(e).__name__}: {e}); remove or replace this file") from None
 
 
 @dataclass(frozen=True)
@@ -54,12 +77,7 @@ class ImageFolderSplit:
 
     def open_image(self, i: int) -> Image.Image:
         path = self.root / self.items[i][0]
-        try:
-            im = Image.open(path)
-            im.load()
-            return im
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot decode image ({e})") from e
+        return decode(path, str(path))
 
 
 @dataclass(frozen=True)
@@ -87,18 +105,20 @@ class ShardSplit:
         with open(self.root / tar, "rb") as f:
             f.seek(int(offset))
             data = f.read(int(size))
-        try:
-            im = Image.open(io.BytesIO(data))
-            im.load()
-            return im
-        except OSError as e:
-            raise DatasetError(f"{self.root / tar}: sample {key}: cannot decode its .jpg ({e})") from e
+        return decode(io.BytesIO(data), f"{self.root / tar}: sample {key} (.jpg)")
 
 
 def eval_preprocessing(image_size: int) -> str:
     """Human-readable description of the eval transform; part of the feature-cache key."""
     return (f"maws_data.transforms eval: shorter side -> round({image_size}/{EVAL_CROP_PCT}), centre crop "
             f"{image_size}, bicubic, mean={IMAGENET_MEAN}, std={IMAGENET_STD}")
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A DatasetError message travelling from a DataLoader worker to the main process as data."""
+
+    message: str
 
 
 class _Images(torch.utils.data.Dataset):
@@ -108,9 +128,17 @@ class _Images(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        with self.split.open_image(i) as im:
-            return self.transform(im.convert("RGB")), self.split.items[i][1]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | _Failed:
+        try:
+            with self.split.open_image(i) as im:
+                return self.transform(im.convert("RGB")), self.split.items[i][1]
+        except DatasetError as e:  # returned, not raised: torch would re-raise it as "Caught ... in worker" + traceback
+            return _Failed(str(e))
+
+
+def _collate(samples: list) -> Any:
+    failed = next((s for s in samples if isinstance(s, _Failed)), None)
+    return failed if failed is not None else torch.utils.data.default_collate(samples)
 
 
 @dataclass(frozen=True)
@@ -118,17 +146,33 @@ class EvalDataset:
     """A labeled dataset with train and val splits and a class list."""
 
     id: str
-    path: str
+    path: str  # as the user gave it (reports print this); the splits' roots are resolved
     classes: tuple[str, ...]
     train: ImageFolderSplit | ShardSplit
     val: ImageFolderSplit | ShardSplit
     skipped: dict[str, int] = field(default_factory=dict)  # shards: samples left out, by reason
+    notes: tuple[str, ...] = ()  # what was adjusted while reading the tree (empty class folders left out)
 
     def split(self, name: Split) -> ImageFolderSplit | ShardSplit:
         return self.train if name == "train" else self.val
 
-    def torch_dataset(self, name: Split, transform: Callable[[Image.Image], torch.Tensor]) -> torch.utils.data.Dataset:
-        return _Images(self.split(name), transform)
+    def batches(self, name: Split, transform: Callable[[Image.Image], torch.Tensor], *, batch_size: int,
+                num_workers: int, shuffle: bool = False, drop_last: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass of (images, labels) batches; a file that fails to decode raises DatasetError naming it,
+        in this process, whatever `num_workers` is."""
+        loader = torch.utils.data.DataLoader(
+            _Images(self.split(name), transform), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            num_workers=num_workers, generator=generator, collate_fn=_collate,
+        )
+        for batch in loader:
+            if isinstance(batch, _Failed):
+                raise DatasetError(batch.message)
+            yield batch
+
+    def num_batches(self, name: Split, *, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self.split(name).items)
+        return n // batch_size if drop_last else -(-n // batch_size)
 
     def eval_batches(
         self, name: Split, *, image_size: int, batch_size: int, num_workers: int
@@ -136,11 +180,8 @@ class EvalDataset:
         """Ordered, unshuffled batches through maws_data's eval recipe (the one the loader uses for
         shards): images (B,3,S,S) float32, labels (B,) int64. Rows line up with `split(name).items`.
         """
-        loader = torch.utils.data.DataLoader(
-            _Images(self.split(name), torchvision_transform("eval", image_size)), batch_size=batch_size,
-            shuffle=False, num_workers=num_workers,
-        )
-        yield from loader
+        yield from self.batches(name, torchvision_transform("eval", image_size), batch_size=batch_size,
+                                num_workers=num_workers)
 
 
 def _list_class_dir(folder: Path) -> list[str]:
@@ -156,33 +197,54 @@ def _subsample(names: list[str], limit: int, seed: int, cls: str) -> list[str]:
 
 
 def _image_folder_split(root: Path, split: str, classes: list[str], *, limit: int, seed: int) -> ImageFolderSplit:
-    split_dir = root / split
-    extra = sorted({p.name for p in split_dir.iterdir() if p.is_dir()} - set(classes))
-    if extra:
-        raise DatasetError(f"{split_dir}: classes {extra[:5]} are not in {root / 'train'}")
     items = []
     for label, cls in enumerate(classes):
-        if not (split_dir / cls).is_dir():
-            continue
-        for name in _subsample(_list_class_dir(split_dir / cls), limit, seed, cls):
+        for name in _subsample(_list_class_dir(root / split / cls), limit, seed, cls):
             items.append((f"{split}/{cls}/{name}", label))
-    if not items:
-        raise DatasetError(f"{split_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) under <class>/ folders")
     return ImageFolderSplit(root=root, items=tuple(items))
+
+
+def _class_folders(split_dir: Path) -> tuple[list[str], list[str]]:
+    """(class folders holding images, empty class folders) of one split, sorted."""
+    folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    full = [c for c in folders if _list_class_dir(split_dir / c)]
+    return full, [c for c in folders if c not in full]
+
+
+def _classes(given: Path, root: Path) -> tuple[list[str], list[str]]:
+    """The classes (train folders with images; val must have the same ones) and notes on what was left out."""
+    train, train_empty = _class_folders(root / "train")
+    val, _ = _class_folders(root / "val")  # empty val folders hold nothing to score
+    if not train:
+        raise DatasetError(f"{given / 'train'}: no images ({', '.join(IMAGE_EXTENSIONS)}) under <class>/ folders")
+    notes = []
+    if train_empty:
+        notes.append(f"{given / 'train'}: left out {len(train_empty)} empty class folder(s) "
+                     f"{', '.join(train_empty[:10])}: {len(train)} classes")
+    only_val = [c for c in val if c not in train]
+    if only_val:
+        why = ", ".join(f"{c} ({'empty' if c in train_empty else 'absent'} in train/)" for c in only_val[:5])
+        raise DatasetError(f"{given / 'val'}: classes with images in val/ but none in train/: {why}; "
+                           "add train images or remove these val/ folders")
+    only_train = [c for c in train if c not in val]
+    if only_train:
+        raise DatasetError(f"{given / 'val'}: no val images for train classes {', '.join(only_train[:10])}"
+                           f"{' …' if len(only_train) > 10 else ''} ({len(only_train)} of {len(train)}); "
+                           "add val/<class>/ images or remove these train/ folders")
+    return train, notes
 
 
 def open_image_folder(root: Path, cfg: DataConfig | None = None, *, dataset_id: str | None = None) -> EvalDataset:
     cfg = cfg or DataConfig()
-    root = Path(root).resolve()
+    given, root = Path(root), Path(root).resolve()
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DatasetError(f"{root}: expected an ImageFolder tree with {split}/<class>/<image> folders")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetError(f"{root / 'train'}: no class folders")
+            raise DatasetError(f"{given}: expected an ImageFolder tree with {split}/<class>/<image> folders")
+    classes, notes = _classes(given, root)
     train = _image_folder_split(root, "train", classes, limit=cfg.max_train_per_class, seed=cfg.subsample_seed)
     val = _image_folder_split(root, "val", classes, limit=cfg.max_val_per_class, seed=cfg.subsample_seed)
-    return EvalDataset(id=dataset_id or root.name, path=str(root), classes=tuple(classes), train=train, val=val)
+    return EvalDataset(id=dataset_id or root.name, path=str(given), classes=tuple(classes), train=train, val=val,
+                       notes=tuple(notes))
 
 
 def _shard_samples(build: Path, skipped: Counter) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
@@ -243,7 +305,7 @@ def open_shards(build: Path, cfg: DataConfig | None = None, *, val_build: Path |
     from maws_data.vocab import Vocabulary
 
     cfg = cfg or DataConfig()
-    build = Path(build).resolve()
+    given, build = Path(build), Path(build).resolve()
     vocab = Vocabulary.load(build)
     skipped: Counter = Counter()
     samples, hashes = _shard_samples(build, skipped)
@@ -260,7 +322,7 @@ def open_shards(build: Path, cfg: DataConfig | None = None, *, val_build: Path |
         raise DatasetError(f"{build}: {len(train_s)} labeled train / {len(val_s)} val samples; need both")
     train = ShardSplit(build, _limit_per_class(train_s, cfg.max_train_per_class, cfg.subsample_seed), tuple(hashes))
     val = ShardSplit(val_root, _limit_per_class(val_s, cfg.max_val_per_class, cfg.subsample_seed), tuple(val_hashes))
-    return EvalDataset(id=dataset_id or build.name, path=str(build), classes=vocab.wnids, train=train, val=val,
+    return EvalDataset(id=dataset_id or build.name, path=str(given), classes=vocab.wnids, train=train, val=val,
                        skipped=dict(skipped))
 
 

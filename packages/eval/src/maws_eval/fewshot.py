@@ -13,6 +13,8 @@ H gives LOO predictions (ŷ - H_ii y) / (1 - H_ii)) and the best is used: no val
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from maws_eval.config import FewshotConfig
@@ -22,14 +24,19 @@ from maws_eval.protocol import FeatureSet, Measurement, config_dict
 BIAS_CONSTANT = 100.0
 
 
-def sample_shots(y: torch.Tensor, *, num_classes: int, shots: int, seed: int) -> torch.Tensor:
-    """Indices of the first `shots` rows of each class under a seeded permutation."""
+def sample_shots(y: torch.Tensor, *, num_classes: int, shots: int, seed: int,
+                 classes: Sequence[str] | None = None) -> torch.Tensor:
+    """Indices of the first `shots` rows of each class under a seeded permutation.
+
+    `classes` (the dataset's class names: folder names, wnids) name a class that has too few rows."""
     g = torch.Generator().manual_seed(seed)
     picked = []
     for c in range(num_classes):
         idx = torch.nonzero(y == c).flatten()
         if len(idx) < shots:
-            raise ValueError(f"few-shot: class {c} has {len(idx)} train examples, fewer than {shots} shots")
+            name = f"{classes[c]!r} (label {c})" if classes is not None else str(c)
+            raise ValueError(f"few-shot: class {name} has {len(idx)} train images, fewer than {shots} shots; "
+                             "lower --set fewshot.shots or give that class more train images")
         picked.append(idx[torch.randperm(len(idx), generator=g)][:shots])
     return torch.cat(picked)
 
@@ -71,7 +78,8 @@ def run(feats: FeatureSet, cfg: FewshotConfig | None = None) -> list[Measurement
     for shots in cfg.shots:
         values, chosen = [], []
         for seed in cfg.seeds:
-            idx = sample_shots(feats.y_train, num_classes=feats.num_classes, shots=shots, seed=seed)
+            idx = sample_shots(feats.y_train, num_classes=feats.num_classes, shots=shots, seed=seed,
+                               classes=feats.classes)
             acc, l2 = lsr_accuracy(
                 feats.x_train[idx], feats.y_train[idx], feats.x_val, feats.y_val,
                 num_classes=feats.num_classes, l2_grid=cfg.l2_grid,

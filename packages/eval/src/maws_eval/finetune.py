@@ -32,20 +32,23 @@ from maws_eval.protocol import Measurement, config_dict
 
 
 def lr_at(step: int, *, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup to `peak`, then half-cosine to 0 at `total`."""
+    """Linear warmup to `peak` (MAE's lr_sched per step: peak * s / W, step 0 at 0), then half-cosine to 0."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_classifier(encoder_path: str, *, num_classes: int, drop_path: float) -> tuple[torch.nn.Module, dict[str, Any]]:
-    encoder, info = load_encoder(encoder_path)
+def build_classifier(encoder_path: str, *, num_classes: int, drop_path: float,
+                     img_size: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The encoder with a new head, at `img_size` (None: the encoder's own; otherwise its pos_embed is
+    resampled, listed in info["notes"])."""
+    encoder, info = load_encoder(encoder_path, img_size=img_size)
     model = timm.create_model(info["timm_name"], **info["kwargs"], num_classes=num_classes, drop_path_rate=drop_path)
     missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
-        raise RuntimeError(f"{encoder_path}: encoder keys do not fit the classifier (missing {missing}, "
-                           f"unexpected {unexpected})")
+        raise ValueError(f"{encoder_path}: encoder keys do not fit the classifier (missing {missing}, "
+                         f"unexpected {unexpected})")
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
     torch.nn.init.zeros_(model.head.bias)
     return model, info
@@ -53,14 +56,14 @@ def build_classifier(encoder_path: str, *, num_classes: int, drop_path: float) -
 
 def _train_batches(ds: EvalDataset, *, image_size: int, cfg: FinetuneConfig, seed: int):
     transform = torchvision_transform("wsp", image_size, crop_scale=(cfg.crop_scale_min, 1.0))
-    loader = torch.utils.data.DataLoader(
-        ds.torch_dataset("train", transform), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed),
-    )
-    if len(loader) == 0:
-        raise ValueError(f"fine-tune: {len(ds.train.items)} train images < batch_size {cfg.batch_size}")
-    # a fresh shuffled epoch each time the loader is exhausted
-    return itertools.chain.from_iterable(loader for _ in itertools.count())
+    if ds.num_batches("train", batch_size=cfg.batch_size, drop_last=True) == 0:
+        raise ValueError(f"fine-tune: {len(ds.train.items)} train images < batch_size {cfg.batch_size} "
+                         "(lower --set finetune.batch_size)")
+    generator = torch.Generator().manual_seed(seed)
+    # a fresh shuffled epoch each time one is exhausted (one generator: epochs draw different orders)
+    return itertools.chain.from_iterable(
+        ds.batches("train", transform, batch_size=cfg.batch_size, num_workers=cfg.num_workers, shuffle=True,
+                   drop_last=True, generator=generator) for _ in itertools.count())
 
 
 @torch.inference_mode()
@@ -77,11 +80,13 @@ def evaluate_top1(model: torch.nn.Module, ds: EvalDataset, *, image_size: int, d
 
 
 def finetune_once(encoder_path: str, ds: EvalDataset, cfg: FinetuneConfig, *, data_cfg: DataConfig, seed: int,
-                  device: torch.device | None = None) -> tuple[float, list[float]]:
-    """(val top-1, training losses) of one fine-tuning run."""
+                  device: torch.device | None = None) -> tuple[float, list[float], dict[str, Any]]:
+    """(val top-1, training losses, encoder info incl. the img_size used and notes) of one fine-tuning run,
+    at data.img_size when set, else at the encoder's own size."""
     device = device or pick_device()
     torch.manual_seed(seed)
-    model, info = build_classifier(encoder_path, num_classes=len(ds.classes), drop_path=cfg.drop_path)
+    model, info = build_classifier(encoder_path, num_classes=len(ds.classes), drop_path=cfg.drop_path,
+                                   img_size=data_cfg.img_size or None)
     model.to(device)
     image_size = int(info["img_size"])
     groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
@@ -104,16 +109,17 @@ def finetune_once(encoder_path: str, ds: EvalDataset, cfg: FinetuneConfig, *, da
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return evaluate_top1(model, ds, image_size=image_size, data_cfg=data_cfg, device=device), losses
+    return evaluate_top1(model, ds, image_size=image_size, data_cfg=data_cfg, device=device), losses, info
 
 
 def run(encoder_path: str, ds: EvalDataset, cfg: FinetuneConfig | None = None, *,
         data_cfg: DataConfig | None = None) -> list[Measurement]:
     cfg, data_cfg = cfg or FinetuneConfig(), data_cfg or DataConfig()
-    values, last_losses = [], []
+    values, last_losses, info = [], [], {}
     for seed in cfg.seeds:
-        acc, losses = finetune_once(encoder_path, ds, cfg, data_cfg=data_cfg, seed=seed)
+        acc, losses, info = finetune_once(encoder_path, ds, cfg, data_cfg=data_cfg, seed=seed)
         values.append(acc)
         last_losses.append(sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan"))
     return [Measurement(protocol="finetune", values=tuple(values), seeds=tuple(cfg.seeds), config=config_dict(cfg),
-                        extra={"final_train_loss": last_losses})]
+                        extra={"final_train_loss": last_losses, "image_size": info.get("img_size"),
+                               "notes": list(info.get("notes", []))})]

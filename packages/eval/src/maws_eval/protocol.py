@@ -46,6 +46,8 @@ class FeatureSet:
     x_val: torch.Tensor
     y_val: torch.Tensor
     classes: tuple[str, ...]
+    image_size: int = 0  # the size the images were fed at (0: not recorded)
+    notes: tuple[str, ...] = ()  # adjustments made to load the encoder (pos_embed resampled, layout mapped)
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train), ("val", self.x_val, self.y_val)):

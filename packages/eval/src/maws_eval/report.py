@@ -5,7 +5,10 @@ columns are protocols (linear, knn, fewshot-1shot, fewshot-5shot, …, finetune)
 mean ± std over seeds in percent. With `across_runs`, results of the same encoder name from several
 result files (e.g. the pipeline repeated with `--seed 0/1/2`) are combined instead of the last one
 winning: the cell is the mean ± sample std over those runs of each run's own mean, so the spread is
-over training runs. Plots (matplotlib, Agg backend, no display needed):
+over training runs. Results of one dataset computed on different subsets (other train/val counts or
+per-class limits, another subsample seed) are never mixed: each subset gets its own table, named
+"<dataset> [N train / M val]", and the report opens with a warning saying so. Paths are printed as
+the results recorded them (as the user gave them). Plots (matplotlib, Agg backend, no display needed):
   bars-<dataset>.png    one panel per protocol, a bar per encoder with ±std error bars (Figure 1 style)
   fewshot-<dataset>.png top-1 over shots per encoder with ±std error bars
   losses.png            each run's training loss over steps (one panel per run: MAE pixel MSE and
@@ -57,19 +60,49 @@ def _column_order(col: str) -> tuple[int, int, str]:
     return rank, int(shots.removesuffix("shot")) if shots else 0, col
 
 
+# data_config fields that choose which images a number was computed on
+_SUBSET_FIELDS = ("max_train_per_class", "max_val_per_class", "subsample_seed", "val_fraction")
+
+
+def subset(record: dict[str, Any]) -> tuple:
+    """What makes two results of one dataset comparable: the same images (counts and how they were chosen)."""
+    data = record.get("data_config") or {}
+    return (record.get("num_train"), record.get("num_val"), record.get("num_classes"),
+            *(data.get(k) for k in _SUBSET_FIELDS))
+
+
+def table_names(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The table each record goes to (its dataset, split by subset when a dataset has several) and warnings."""
+    subsets: dict[str, list[tuple]] = defaultdict(list)
+    for rec in records:
+        if subset(rec) not in subsets[rec["dataset"]]:
+            subsets[rec["dataset"]].append(subset(rec))
+    warnings, labels = [], {}
+    for dataset, keys in subsets.items():
+        if len(keys) == 1:
+            labels[dataset, keys[0]] = dataset
+            continue
+        counts = [f"{k[0]} train / {k[1]} val" for k in keys]
+        for i, (key, count) in enumerate(zip(keys, counts)):
+            labels[dataset, key] = f"{dataset} [{count}]" if counts.count(count) == 1 else f"{dataset} [{count}, #{i + 1}]"
+        warnings.append(f"results for {dataset} come from {len(keys)} different subsets of its images "
+                        f"({'; '.join(counts)}); they are shown as separate tables, not compared in one")
+    return [labels[r["dataset"], subset(r)] for r in records], warnings
+
+
 def build_tables(records: list[dict[str, Any]], encoder_order: Sequence[str] = (), *,
                  across_runs: bool = False) -> dict[str, Any]:
-    """{dataset: {"encoders": [...], "columns": [...], "num_classes", "cells": {enc: {col: Cell}}}}.
+    """{table: {"encoders": [...], "columns": [...], "info", "cells": {enc: {col: Cell}}}}, one table per
+    dataset and subset (`table_names`, which also gives the warnings `write_report` prints).
 
-    A later result for the same (dataset, encoder, column) replaces an earlier one (re-runs win),
+    A later result for the same (table, encoder, column) replaces an earlier one (re-runs win),
     unless `across_runs`: then results from different files are combined (`combine_runs`).
     """
     runs: dict[tuple[str, str, str], list[Cell]] = defaultdict(list)
     tables: dict[str, Any] = {}
-    for rec in records:
-        t = tables.setdefault(
-            rec["dataset"], {"encoders": [], "columns": [], "cells": defaultdict(dict), "info": {}}
-        )
+    names, _ = table_names(records)
+    for rec, name in zip(records, names):
+        t = tables.setdefault(name, {"encoders": [], "columns": [], "cells": defaultdict(dict), "info": {}})
         enc, col = rec["encoder"], column(rec)
         if enc not in t["encoders"]:
             t["encoders"].append(enc)
@@ -79,13 +112,17 @@ def build_tables(records: list[dict[str, Any]], encoder_order: Sequence[str] = (
             value=rec["value"], std=rec.get("std"), n=max(1, len(rec.get("values") or [rec["value"]])),
             command=rec.get("command", ""), file=rec.get("_file", ""),
         )
-        runs[rec["dataset"], enc, col].append(cell)
-        t["cells"][enc][col] = combine_runs(runs[rec["dataset"], enc, col]) if across_runs else cell
+        runs[name, enc, col].append(cell)
+        t["cells"][enc][col] = combine_runs(runs[name, enc, col]) if across_runs else cell
         t["info"] = {k: rec.get(k) for k in ("num_train", "num_val", "num_classes", "dataset_path")}
+        t.setdefault("notes", {})
+        for note in rec.get("notes") or []:
+            t["notes"].setdefault(note, None)
     for t in tables.values():
         given = [e for e in encoder_order if e in t["encoders"]]
         t["encoders"] = given + [e for e in t["encoders"] if e not in given]
         t["columns"].sort(key=_column_order)
+        t["notes"] = list(t["notes"])
     return tables
 
 
@@ -210,8 +247,9 @@ def plot_losses(runs: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[str], *,
-              across_runs: bool = False) -> str:
+              across_runs: bool = False, warnings: Sequence[str] = ()) -> str:
     lines = ["# MAWS evaluation report", ""]
+    lines += [f"> **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
     spread = ("the mean and sample std over training runs of each run's own number" if across_runs else
               "the mean and sample std over evaluation seeds")
     lines += [(f"Top-1 accuracy (%) on the val split; `mean ± std` is {spread}, a bare number is "
@@ -228,6 +266,8 @@ def _markdown(tables: dict[str, Any], runs: list[dict[str, Any]], plots: list[st
             cells = [format_value(c.value, c.std) if (c := t["cells"][enc].get(col)) else "–" for col in t["columns"]]
             lines.append(f"| {enc} | " + " | ".join(cells) + " |")
         lines.append("")
+        if t["notes"]:
+            lines += ["Adjusted while evaluating:", "", *[f"- {n}" for n in t["notes"]], ""]
         for p in plots:
             if slug(dataset) in p and not p.startswith("losses"):
                 lines += [f"![{p}]({p})", ""]
@@ -266,6 +306,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(records, encoder_order, across_runs=across_runs)
+    warnings = table_names(records)[1]
     runs = [read_run(Path(d)) for d in run_dirs]
     plots: list[str] = []
     for dataset, t in tables.items():
@@ -277,7 +318,7 @@ def write_report(
     report = {
         "datasets": {
             ds: {
-                "encoders": t["encoders"], "columns": t["columns"], **t["info"],
+                "encoders": t["encoders"], "columns": t["columns"], **t["info"], "notes": t["notes"],
                 "table": {e: {c: cell.__dict__ for c, cell in t["cells"][e].items()} for e in t["encoders"]},
             }
             for ds, t in tables.items()
@@ -289,10 +330,11 @@ def write_report(
         } for r in runs],
         "plots": plots,
         "results": [r["_file"] for r in records],
+        "warnings": warnings,
     }
     report = _json_ready(report)
     write_json_atomic(report, out_dir / "report.json")
-    md = _markdown(tables, runs, plots, across_runs=across_runs)
+    md = _markdown(tables, runs, plots, across_runs=across_runs, warnings=warnings)
     tmp = out_dir / ".report.md.tmp"
     tmp.write_text(md)
     tmp.replace(out_dir / "report.md")
