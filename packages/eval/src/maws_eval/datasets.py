@@ -234,6 +234,11 @@ def _classes(given: Path, root: Path) -> tuple[list[str], list[str]]:
     return train, notes
 
 
+def _name(given: Path, resolved: Path) -> str:
+    """The dataset id: the folder name as given (a symlink's own name), the real one for `.` and `..`."""
+    return given.name if given.name not in ("", ".", "..") else resolved.name
+
+
 def open_image_folder(root: Path, cfg: DataConfig | None = None, *, dataset_id: str | None = None) -> EvalDataset:
     cfg = cfg or DataConfig()
     given, root = Path(root), Path(root).resolve()
@@ -243,8 +248,8 @@ def open_image_folder(root: Path, cfg: DataConfig | None = None, *, dataset_id: 
     classes, notes = _classes(given, root)
     train = _image_folder_split(root, "train", classes, limit=cfg.max_train_per_class, seed=cfg.subsample_seed)
     val = _image_folder_split(root, "val", classes, limit=cfg.max_val_per_class, seed=cfg.subsample_seed)
-    return EvalDataset(id=dataset_id or root.name, path=str(given), classes=tuple(classes), train=train, val=val,
-                       notes=tuple(notes))
+    return EvalDataset(id=dataset_id or _name(given, root), path=str(given), classes=tuple(classes), train=train,
+                       val=val, notes=tuple(notes))
 
 
 def _shard_samples(build: Path, skipped: Counter) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
@@ -322,8 +327,8 @@ def open_shards(build: Path, cfg: DataConfig | None = None, *, val_build: Path |
         raise DatasetError(f"{build}: {len(train_s)} labeled train / {len(val_s)} val samples; need both")
     train = ShardSplit(build, _limit_per_class(train_s, cfg.max_train_per_class, cfg.subsample_seed), tuple(hashes))
     val = ShardSplit(val_root, _limit_per_class(val_s, cfg.max_val_per_class, cfg.subsample_seed), tuple(val_hashes))
-    return EvalDataset(id=dataset_id or build.name, path=str(given), classes=vocab.wnids, train=train, val=val,
-                       skipped=dict(skipped))
+    return EvalDataset(id=dataset_id or _name(given, build), path=str(given), classes=vocab.wnids, train=train,
+                       val=val, skipped=dict(skipped))
 
 
 def open_dataset(path: Path, cfg: DataConfig | None = None, *, dataset_id: str | None = None,
