@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from maws_data.loader import (
-    LoaderConfig,
-    batches_per_epoch,
-    build_loader,
-    epoch_order,
-    rank_batches,
-    read_dali_index,
-    sqrt_weights,
-)
+from maws_data.loader import LoaderConfig, batches_per_epoch, build_loader, open_index
+from maws_data.loader.plan import batch_span
+from maws_data.sidecar import parse_dali_index
 
 S = 32  # output size: small and fast; the shards hold 64 px images
 
@@ -40,6 +34,10 @@ def epoch_keys(loader) -> list[list[str]]:
     return out
 
 
+def read_dali_index(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    return parse_dali_index(path.read_text(), str(path))
+
+
 def shard_json(build: Path) -> dict[str, dict]:
     """Every sample's KEY.json, read independently of the loader with webdataset's tar reader."""
     tars = sorted(str(p) for p in (build / "shards").glob("*.tar"))
@@ -48,7 +46,7 @@ def shard_json(build: Path) -> dict[str, dict]:
 
 def test_tiny_build_has_unequal_shards(tiny_build):
     sizes = [len(read_dali_index(p)) for p in sorted((tiny_build / "shards").glob("*.idx"))]
-    assert sizes == [16, 16, 16, 12]
+    assert sizes == [16, 16, 16, 12] == open_index(str(tiny_build)).samples.tolist()
 
 
 def test_targets_match_shard_json(tiny_build):
@@ -57,7 +55,7 @@ def test_targets_match_shard_json(tiny_build):
     wsp = build_loader(cfg(tiny_build, "wsp"))
     assert wsp.num_classes == len(vocab_rows) == 82
     labeled = [k for k, j in truth.items() if j["labels"]]
-    assert len(wsp.pool) == len(labeled) == 58  # wsp leaves out the 2 unlabeled photos
+    assert wsp.num_samples == len(labeled) == 58  # wsp leaves out the 2 unlabeled photos
     seen = 0
     for _, targets in wsp:
         assert targets.dtype == torch.float32 and targets.shape[1] == wsp.num_classes
@@ -93,7 +91,7 @@ def test_dataloader_workers_keep_plan_order(tiny_build):
         single = build_loader(cfg(tiny_build, "mae", num_workers=0), rank=rank, world_size=3)
         got = [(x, list(multi.last_batch_keys)) for x, _ in multi]
         ref = [(x, list(single.last_batch_keys)) for x, _ in single]
-        assert [k for _, k in got] == [[single.table.keys[g] for g in b] for b in single.plan(0)]
+        assert [k for _, k in got] == single.plan_keys(0)
         assert [k for _, k in got] == [k for _, k in ref]
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, ref))
 
@@ -155,32 +153,32 @@ def test_one_shard_more_workers_than_shards(tiny_build):
 
 
 def test_eval_every_sample_exactly_once(tiny_build):
-    """drop_last=False: 60 samples, 2 ranks x batch 7 -> 5 batches per rank, last ones short, all 60 once."""
+    """drop_last=False: 60 samples, 2 ranks x batch 7 = chunks of 7 dealt in turn (8 full, one of 4): 5 batches
+    per rank, rank 0's last one short, rank 1's empty; all 60 exactly once."""
     keys, counts = [], []
     for r in range(2):
         loader = build_loader(cfg(tiny_build, "eval", batch_size=7, drop_last=False), rank=r, world_size=2)
         batches = epoch_keys(loader)
         counts.append([len(b) for b in batches])
         keys += [k for b in batches for k in b]
-    assert counts == [[7, 7, 7, 7, 2], [7, 7, 7, 7, 2]]
+    assert counts == [[7, 7, 7, 7, 4], [7, 7, 7, 7, 0]]
     assert sorted(keys) == sorted(shard_json(tiny_build))
     # eval keeps dataset order: shard order, then tar order within a shard
     loader = build_loader(cfg(tiny_build, "eval", batch_size=7, drop_last=False))
-    assert [k for b in epoch_keys(loader) for k in b] == loader.table.keys
+    assert [k for b in epoch_keys(loader) for k in b] == list(shard_json(tiny_build))
 
 
 def test_eval_short_rank_gets_empty_last_batch():
-    """5 samples on 2 ranks, batch 2: rank 0 has 3 -> 2 batches; rank 1 has 2 -> 1 batch + 1 empty one."""
-    order = np.arange(5)
-    plans = [rank_batches(order, rank=r, world_size=2, batch_size=2, drop_last=False) for r in range(2)]
-    assert [[b.tolist() for b in p] for p in plans] == [[[0, 2], [4]], [[1, 3], []]]
+    """5 samples on 2 ranks, batch 2: chunks [0,1] [2,3] [4] go to ranks 0, 1, 0: rank 1 ends with an empty batch."""
+    spans = [[batch_span(b, rank=r, world_size=2, batch_size=2, length=5) for b in range(2)] for r in range(2)]
+    assert spans == [[(0, 2), (4, 5)], [(2, 4), (5, 5)]]
     assert batches_per_epoch(5, world_size=2, batch_size=2, drop_last=False) == 2
 
 
 @pytest.mark.parametrize("backend", ["webdataset", "dali"])
 def test_short_rank_yields_its_empty_last_batch(tiny_build, backend):
-    """60 samples on 7 ranks, batch 4, drop_last=False: ranks 0-3 hold 9 samples (4+4+1), ranks 4-6 hold 8
-    (4+4+an empty batch), so every rank yields 3 batches and none waits for the others at the end."""
+    """60 samples on 7 ranks, batch 4, drop_last=False: 15 chunks of 4 dealt in turn, rank 0 gets 3, rank 6
+    gets 2 and an empty batch, so every rank yields 3 batches and none waits for the others at the end."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     sizes = {}
@@ -188,7 +186,7 @@ def test_short_rank_yields_its_empty_last_batch(tiny_build, backend):
         loader = build_loader(cfg(tiny_build, "eval", backend=backend, drop_last=False), rank=rank, world_size=7)
         sizes[rank] = [len(x) for x, _ in loader]
         assert len(loader) == 3
-    assert sizes == {0: [4, 4, 1], 6: [4, 4, 0]}
+    assert sizes == {0: [4, 4, 4], 6: [4, 4, 0]}
 
 
 def test_epochs_shuffle_deterministically(tiny_build):
@@ -314,29 +312,12 @@ def test_too_few_samples_is_an_error(tiny_build):
         build_loader(cfg(tiny_build, batch_size=16), world_size=4)
 
 
-def test_sqrt_weights_flatten_class_counts():
-    """Classes with 6400/1600/100 samples: sqrt resampling draws them ~80:40:10, ratio 64 -> 8."""
-    labels = [[0]] * 6400 + [[1]] * 1600 + [[2]] * 100
-    w = sqrt_weights(labels, 3)
-    assert w[0] == pytest.approx(1 / 80 / (6400 / 80 + 1600 / 40 + 100 / 10))
-    drawn = epoch_order(np.arange(len(labels)), seed=0, epoch=0, shuffle=True, weights=w)
-    counts = np.bincount(np.array([labels[i][0] for i in drawn]), minlength=3)
-    assert counts.sum() == 8100
-    expected = 8100 * np.array([80, 40, 10]) / 130
-    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))  # within 5 sigma
-    assert counts[0] / counts[2] == pytest.approx(8.0, rel=0.2)
-    # multi-label: weighted by the RAREST label, so [0, 2] weighs like a class-2 sample
-    w2 = sqrt_weights([[0], [0], [0], [0], [0, 2], [1]], 3)
-    assert w2[4] / w2[0] == pytest.approx(np.sqrt(5 / 1))
-    assert w2[5] == w2[4]
-
-
 def test_sqrt_resampling_on_real_labels(tiny_build):
     loader = build_loader(cfg(tiny_build, "wsp", resample="sqrt"))
-    plan = np.concatenate(loader.plan(0))
+    plan = [k for b in loader.plan_keys(0) for k in b]
     assert len(plan) == len(loader) * 4 == 56
-    assert len(set(plan.tolist())) < len(plan)  # with replacement: repeats
-    assert np.array_equal(plan, np.concatenate(build_loader(cfg(tiny_build, "wsp", resample="sqrt")).plan(0)))
+    assert len(set(plan)) < len(plan)  # with replacement: repeats
+    assert plan == [k for b in build_loader(cfg(tiny_build, "wsp", resample="sqrt")).plan_keys(0) for k in b]
     ys = [t for _, t in loader]
     assert len(ys) == 14 and all(t.sum(1).min() >= 1 for t in ys)  # every drawn sample is labeled
 
@@ -379,7 +360,7 @@ def corrupt_copy(build: Path, tmp_path: Path) -> tuple[Path, str, int]:
 def test_bad_data_is_skipped_and_counted(tiny_build, tmp_path, backend):
     build, bad_key, lost = corrupt_copy(tiny_build, tmp_path)
     loader = build_loader(cfg(build, "eval", backend=backend, drop_last=False, batch_size=8))
-    assert len(loader.table) == 60 - lost
+    assert loader.num_samples == 60 - lost
     assert loader.skipped["truncated_shard"] == lost
     assert all(s["shard"] == "shard-000003.tar" for s in loader.skipped_samples)
     batches = epoch_keys(loader)
@@ -405,14 +386,14 @@ def test_eval_recipe_matches_torchvision_two_step(tiny_build):
     """One resize(box=...) == torchvision Resize(S/0.875) + CenterCrop(S) (what ImageFolder eval uses)."""
     import io
 
-    from maws_data.loader import SampleReader, load_table
+    from maws_data.loader import ShardFiles, read_sidecar
     from maws_data.transforms import batch_geometry, crop_resize, normalize_batch, torchvision_transform
     from PIL import Image
 
-    table = load_table(str(tiny_build))
-    reader, tv = SampleReader(table), torchvision_transform("eval", S)
-    for gid in range(0, 60, 7):
-        data = reader.jpeg(gid)
+    index = open_index(str(tiny_build))
+    side, files, tv = read_sidecar(index, 0), ShardFiles(index), torchvision_transform("eval", S)
+    for gid in range(0, 16, 3):
+        data = files.read(np.array([0]), side.jpg_offset[[gid]], side.jpg_size[[gid]])[0]
         im = Image.open(io.BytesIO(data))
         boxes, flips = batch_geometry(np.array([im.width]), np.array([im.height]), np.array([gid]), task="eval",
                                       image_size=S, seed=0, epoch=0)

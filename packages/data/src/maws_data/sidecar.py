@@ -17,6 +17,8 @@ sparse) and `sqrt_weight`: the sum over its samples of 1/sqrt(count of the sampl
 counts taken from the vocabulary (the build's text pass) -- the per-shard total that square-root
 resampling draws shards by without any per-sample array (docs/loader.md).
 
+`upgrade_build` adds all of this to a build made before sidecars (`maws-data upgrade BUILD`).
+
 Memory: O(samples of one shard).
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -100,8 +103,24 @@ def decode(data: bytes, name: str = "sidecar") -> ShardSamples:
 
 def sample_weights(labels: Sequence[Sequence[int]], class_counts: Sequence[int]) -> np.ndarray:
     """1/sqrt(count of each sample's rarest label); 0 for an unlabeled sample."""
+    ptr = np.zeros(len(labels) + 1, np.int64)
+    np.cumsum([len(lab) for lab in labels], out=ptr[1:])
+    flat = np.asarray([c for lab in labels for c in lab], np.int64)
+    return sample_weights_csr(ptr, flat, class_counts)
+
+
+def sample_weights_csr(label_ptr: np.ndarray, labels: np.ndarray, class_counts: Sequence[int]) -> np.ndarray:
+    """`sample_weights` over CSR labels (a sidecar's label_ptr/labels), vectorised: no per-sample Python."""
     counts = np.asarray(class_counts, np.float64)
-    return np.array([1.0 / np.sqrt(counts[list(lab)].min()) if len(lab) else 0.0 for lab in labels], np.float64)
+    n = len(label_ptr) - 1
+    out = np.zeros(n, np.float64)
+    has = np.diff(label_ptr) > 0
+    if has.any():
+        per_label = counts[labels[: label_ptr[-1]]]
+        # minimum per sample: reduceat over the starts of the non-empty rows (empty rows would repeat a value)
+        rarest = np.minimum.reduceat(per_label, label_ptr[:-1][has])
+        out[has] = 1.0 / np.sqrt(rarest)
+    return out
 
 
 def stats_fields(labels: Sequence[Sequence[int]], class_counts: Sequence[int] | None) -> dict:
@@ -114,3 +133,44 @@ def stats_fields(labels: Sequence[Sequence[int]], class_counts: Sequence[int] | 
     if class_counts is not None and len(class_counts):
         fields["sqrt_weight"] = float(sample_weights(labels, class_counts).sum())
     return fields
+
+
+def upgrade_build(build: str | Path, *, log=print) -> int:
+    """Add sidecars, stats `label_counts`/`sqrt_weight` and manifest `sqrt_weight` to a build made before
+    sidecars existed, from each shard's .idx and its samples' KEY.json (one read per sample, once).
+    Returns the number of shards upgraded; shards that already have a sidecar are left as they are."""
+    import json
+
+    from maws_data.manifest import atomic_write_bytes, atomic_write_json, read_manifest, write_manifest
+    from maws_data.vocab import Vocabulary
+
+    build = Path(build)
+    manifest = read_manifest(build)
+    counts = Vocabulary.load(build).counts
+    done = 0
+    for entry in manifest["shards"]:
+        tar = build / entry["name"]
+        stem = tar.with_suffix("")
+        stats_path, out = stem.with_suffix(".json"), Path(str(stem) + SUFFIX)
+        index_text = stem.with_suffix(".idx").read_text()
+        labels, sizes = [], []
+        with open(tar, "rb") as f:
+            for key, members in parse_dali_index(index_text, str(stem.with_suffix(".idx"))):
+                if "json" not in members:
+                    raise ValueError(f"{tar}: sample {key} has no .json member; rebuild this shard")
+                off, size = members["json"]
+                f.seek(off)
+                meta = json.loads(f.read(size))
+                labels.append([int(c) for c in meta["labels"]])
+                sizes.append((int(meta["width"]), int(meta["height"])))
+        stats = json.loads(stats_path.read_text())
+        if not out.exists():
+            atomic_write_bytes(out, encode(index_text, labels, sizes))
+            done += 1
+        stats.update(stats_fields(labels, counts))
+        atomic_write_json(stats_path, stats)
+        entry["sqrt_weight"] = stats.get("sqrt_weight", 0.0)
+        log(f"{entry['name']}: {len(labels)} samples")
+    manifest.pop("schema", None)
+    write_manifest(build, manifest)
+    return done

@@ -1,14 +1,20 @@
 """The DALI backend of `maws_data.loader`: JPEG decode + crop/resize + normalise in a DALI pipeline.
 
-Imported only when the loader's backend is "dali" (DALI is a heavy optional import).
+Imported only when the loader's backend is "dali" (DALI is a heavy optional import). It depends on the
+loader's index, plan and reader, never on the loader itself.
+
+Remote shards (`s3://`, `http://`): DALI never opens a shard itself. The JPEG bytes are read on the
+host by the same reader as the CPU backend (`reader.ShardFiles`: local `pread`, or ranged GETs with
+retries for remote tars) and handed to the pipeline as encoded bytes, so DALI decodes remote shards
+exactly like local ones; only the reads differ.
 
 Why `fn.external_source` and not `fn.readers.webdataset`: the DALI reader splits the dataset by
 contiguous sample ranges per `shard_id`, pads ranks to equal length with repeated samples and
 shuffles with a buffer, so it can give neither a seed+epoch sample permutation that is the same
 for both backends nor an exact mid-epoch resume. Instead the loader's epoch plan (sample ids per
-batch) is read on the host -- one `pread` per JPEG at the offset in the builder's DALI `.idx`
-index, on a small thread pool -- and fed to the pipeline as encoded bytes. The crop box and flip
-of every sample come from the same function as the Pillow backend (`plan_geometry`, vectorised over
+batch) is read on the host -- one `pread` per JPEG at the offset in the shard's sidecar, on a small
+thread pool -- and fed to the pipeline as encoded bytes. The crop box and flip
+of every sample come from the same function as the Pillow backend (`samples.geometry`, vectorised over
 the batch, a function of seed, epoch and sample id), so both backends produce the same crops. The
 host side of batch i+1 is prepared on a background thread while DALI works on batch i.
 
@@ -38,13 +44,16 @@ from __future__ import annotations
 import os
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from maws_data.loader import Batch, BufferPool, LoaderConfig, SampleError, SampleReader, plan_geometry
+from maws_data.loader.buffers import Batch, BufferPool
+from maws_data.loader.config import LoaderConfig
+from maws_data.loader.reader import SampleError, ShardFiles
+from maws_data.loader.samples import BatchSource, geometry
 from maws_data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _LIVE: weakref.WeakSet[DaliBatches] = weakref.WeakSet()
@@ -76,12 +85,11 @@ def dali_device_id(cfg: LoaderConfig) -> int | None:
 class DaliBatches:
     """Runs the loader's plan through a DALI pipeline; `batches()` yields `Batch`es in plan order."""
 
-    def __init__(self, cfg: LoaderConfig, reader: SampleReader, plan_for: Callable[[int], list[np.ndarray]]):
-        self.cfg, self.reader, self.plan_for = cfg, reader, plan_for
+    def __init__(self, cfg: LoaderConfig, source: BatchSource):
+        self.cfg, self.source = cfg, source
+        self.files = ShardFiles(source.index, threads=max(1, cfg.num_workers))  # JPEG reads on host threads
         self.device_id = dali_device_id(cfg)
         self.bad: dict[int, tuple[str, str]] = {}   # gid -> (reason, detail), found by decode failures
-        self._threads = max(1, cfg.num_workers)
-        self._pool = ThreadPoolExecutor(self._threads)   # JPEG reads (pread releases the GIL)
         self._prep = ThreadPoolExecutor(1)               # the next batch's host side, ahead of DALI
         self._pipe = None
         self._feeder: _Feeder | None = None
@@ -93,31 +101,29 @@ class DaliBatches:
 
     # -- host side: bytes and geometry of one batch ------------------------------------------
 
-    def host_batch(self, gids: np.ndarray, epoch: int) -> tuple[list, np.ndarray, list[dict]]:
-        """(inputs for the pipeline, gids after replacement, skipped records) of one planned batch."""
-        gids = gids.copy()
-        chunks = np.array_split(gids, min(self._threads, len(gids)))  # one task per thread, not per JPEG
-        datas = [d for part in self._pool.map(lambda c: [self._read(int(g)) for g in c], chunks) for d in part]
+    def host_batch(self, epoch: int, b: int) -> tuple[list, object, list[dict]]:
+        """(inputs for the pipeline, samples after replacement, skipped records) of one planned batch."""
+        samples, marked = self.source.batch(epoch, b)
+        datas = self.files.read(samples.shard, samples.offset, samples.size)
+        for row, reason in marked:
+            datas[row] = SampleError(reason, "in the shard's sidecar")
+        for row, g in enumerate(samples.gid):
+            if int(g) in self.bad:
+                datas[row] = SampleError(*self.bad[int(g)])
         good = [i for i, d in enumerate(datas) if not isinstance(d, SampleError)]
-        skipped = [{**self.reader.where(int(gids[i])), "reason": d.reason, "detail": d.detail}
-                   for i, d in enumerate(datas) if isinstance(d, SampleError)]
+        bad = [i for i, d in enumerate(datas) if isinstance(d, SampleError)]
+        skipped = [{"shard": self.source.index.names[int(samples.shard[i])], "key": samples.key[i].decode(),
+                    "reason": datas[i].reason, "detail": datas[i].detail} for i in bad]
         if skipped and not good:
             raise RuntimeError(f"every sample of a batch is unreadable ({skipped[:3]} ...): the shards are broken")
-        for i, d in enumerate(datas):
-            if isinstance(d, SampleError):
-                gids[i], datas[i] = gids[good[0]], datas[good[0]]
-        boxes, flips = plan_geometry(self.cfg, self.reader.table, gids, epoch)
+        for i in bad:
+            datas[i] = datas[good[0]]
+        samples.replace(bad, good[0] if good else 0)
+        datas = [np.frombuffer(d, np.uint8) for d in datas]
+        boxes, flips = geometry(self.cfg, samples.wh, samples.gid, epoch)
         starts = np.ascontiguousarray(boxes[:, [1, 0]], np.float32)  # DALI ROIs follow the HWC shape order
         ends = np.ascontiguousarray(boxes[:, [3, 2]], np.float32)
-        return [datas, starts, ends, flips.astype(np.int32)], gids, skipped
-
-    def _read(self, gid: int) -> np.ndarray | SampleError:
-        if gid in self.bad:
-            return SampleError(*self.bad[gid])
-        try:
-            return np.frombuffer(self.reader.jpeg(gid), np.uint8)
-        except SampleError as e:
-            return e
+        return [datas, starts, ends, flips.astype(np.int32)], samples, skipped
 
     # -- the pipeline ------------------------------------------------------------------------
 
@@ -149,11 +155,10 @@ class DaliBatches:
             raise RuntimeError("a DALI loader cannot be used in a process forked from the one that built it; "
                                "build a new loader in the child")
         s = self.cfg.image_size
-        plan = self.plan_for(epoch)
         b = start
-        while b < len(plan):
-            if len(plan[b]) == 0:  # drop_last=False can give a rank an empty last batch
-                yield Batch(b, torch.empty(0, 3, s, s), plan[b], [])
+        while b < self.source.batches_per_epoch:
+            if self.source.batch_len(b) == 0:  # drop_last=False can give a rank an empty last batch
+                yield Batch(b, torch.empty(0, 3, s, s), self.source.batch(epoch, b)[0], [])
                 b += 1
                 continue
             if self._feeder is None or self._feeder.next_out() != (epoch, b):
@@ -161,24 +166,25 @@ class DaliBatches:
             try:
                 (out,) = self._pipe.run()
             except RuntimeError as e:
-                self._find_bad(plan[b], e)  # raises when Pillow finds nothing wrong
+                self._find_bad(epoch, b, e)  # raises when Pillow finds nothing wrong
                 self._close()  # a failed run leaves the pipeline unusable: rebuilt, batch b re-run
                 continue
-            fed_epoch, fed_index, gids, skipped = self._feeder.fed.popleft()
+            fed_epoch, fed_index, samples, skipped = self._feeder.fed.popleft()
             assert (fed_epoch, fed_index) == (epoch, b), f"DALI output {(fed_epoch, fed_index)}, expected {(epoch, b)}"
-            yield Batch(b, self._to_torch(out), gids, skipped)
+            yield Batch(b, self._to_torch(out), samples, skipped)
             b += 1
 
-    def jobs(self, epoch: int, start: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(epoch, batch index, sample ids) in feed order from batch `start` of `epoch` on, running on
-        into the following epochs, so that DALI's prefetch at the end of an epoch prepares the start of
-        the next one and the pipeline is kept from epoch to epoch."""
+    def jobs(self, epoch: int, start: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch index) in feed order from batch `start` of `epoch` on, running on into the
+        following epochs, so that DALI's prefetch at the end of an epoch prepares the start of the
+        next one and the pipeline is kept from epoch to epoch. Empty batches are not fed."""
+        nb = self.source.batches_per_epoch
+        if not any(self.source.batch_len(b) for b in range(nb)):
+            return  # this rank's epochs hold nothing to decode (fewer samples than ranks)
         while True:
-            plan = self.plan_for(epoch)
-            todo = [(epoch, b, plan[b]) for b in range(start, len(plan)) if len(plan[b])]
-            if not todo and start == 0:
-                return  # this rank's epochs hold nothing to decode (fewer samples than ranks)
-            yield from todo
+            for b in range(start, nb):
+                if self.source.batch_len(b):
+                    yield epoch, b
             epoch, start = epoch + 1, 0
 
     def _restart(self, epoch: int, start: int) -> None:
@@ -202,19 +208,21 @@ class DaliBatches:
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id))
         return dst
 
-    def _find_bad(self, gids: np.ndarray, error: Exception) -> None:
+    def _find_bad(self, epoch: int, b: int, error: Exception) -> None:
         """A batch failed in DALI: find its broken JPEGs with Pillow and remember them."""
         import io
 
         from PIL import Image
 
+        samples, _ = self.source.batch(epoch, b)
+        datas = self.files.read(samples.shard, samples.offset, samples.size)
         found = False
-        for g in {int(g) for g in gids} - set(self.bad):
+        for g, data in zip(samples.gid.tolist(), datas):
+            if g in self.bad or isinstance(data, SampleError):
+                continue
             try:
-                with Image.open(io.BytesIO(self.reader.jpeg(g))) as im:
+                with Image.open(io.BytesIO(data)) as im:
                     im.load()
-            except SampleError as e:
-                self.bad[g], found = (e.reason, e.detail), True
             except (OSError, ValueError, SyntaxError) as e:
                 self.bad[g], found = ("decode_error", f"{e} (DALI: {str(error).splitlines()[0]})"), True
         if not found:
@@ -227,10 +235,10 @@ class _Feeder:
     ahead of `run()` (prefetch), so `fed` holds, oldest first, the jobs whose outputs `run()` returns next.
     """
 
-    def __init__(self, jobs: Iterator[tuple[int, int, np.ndarray]], prep: ThreadPoolExecutor, host_batch):
+    def __init__(self, jobs: Iterator[tuple[int, int]], prep: ThreadPoolExecutor, host_batch):
         self.jobs, self.prep, self.host_batch = jobs, prep, host_batch
         self.ahead: deque[tuple[int, int, Future]] = deque()   # submitted to the prep thread, not yet fed
-        self.fed: deque[tuple[int, int, np.ndarray, list[dict]]] = deque()  # fed to DALI, output not taken
+        self.fed: deque[tuple[int, int, object, list[dict]]] = deque()  # fed to DALI, output not taken
         self._fill()
 
     def _fill(self) -> None:
@@ -238,8 +246,8 @@ class _Feeder:
             job = next(self.jobs, None)
             if job is None:
                 return
-            epoch, index, gids = job
-            self.ahead.append((epoch, index, self.prep.submit(self.host_batch, gids, epoch)))
+            epoch, index = job
+            self.ahead.append((epoch, index, self.prep.submit(self.host_batch, epoch, index)))
 
     def next_out(self) -> tuple[int, int] | None:
         """(epoch, batch index) of the output the next `run()` returns."""
@@ -251,6 +259,6 @@ class _Feeder:
             raise StopIteration  # nothing left to decode (only reached by prefetch past the last job)
         epoch, index, future = self.ahead.popleft()
         self._fill()
-        inputs, gids, skipped = future.result()
-        self.fed.append((epoch, index, gids, skipped))
+        inputs, samples, skipped = future.result()
+        self.fed.append((epoch, index, samples, skipped))
         return tuple(inputs)

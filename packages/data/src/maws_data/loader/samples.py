@@ -1,0 +1,178 @@
+"""From a plan's (shard, k) to the rows of the shards' sidecars: what batch b of an epoch holds.
+
+`BatchSource` is what a backend (in the main process or a DataLoader worker) asks for a batch: it
+holds the O(#shards) index, builds the epoch's plan (`plan.EpochPlan`) and loads the sidecars of the
+shards it touches into a small LRU cache. It turns the plan's k (the k-th sample of a shard's
+sequence) into a sidecar row:
+  mae, eval   row k (every sample of the shard)
+  wsp         the k-th labeled row (an unlabeled image has no target)
+  wsp + sqrt  the k-th of the shard's sorted resampled draws (`plan.shard_draws`)
+
+Memory: O(#shards) + cache of ~2 windows of sidecars (2 x window_shards x samples per shard rows).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from maws_data import sidecar
+from maws_data.loader import plan
+from maws_data.loader.config import LoaderConfig
+from maws_data.loader.index import ShardIndex, read_sidecar
+
+
+@dataclass
+class BatchSamples:
+    """The samples of one batch, as arrays (row i = sample i of the batch)."""
+    shard: np.ndarray        # int64 shard index
+    row: np.ndarray          # int64 row in the shard's sidecar
+    gid: np.ndarray          # int64 global id (index.first[shard] + row): augmentation randomness
+    offset: np.ndarray       # int64 byte offset of KEY.jpg in the tar
+    size: np.ndarray         # int64 its size
+    wh: np.ndarray           # int32 (n, 2) stored width, height
+    key: np.ndarray          # bytes (n,) KEY
+    label_ptr: np.ndarray    # int64 (n+1,) CSR labels of the batch
+    labels: np.ndarray       # int32
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def keys(self) -> list[str]:
+        return [k.decode() for k in self.key]
+
+    def replace(self, rows: list[int], good: int) -> None:
+        """Rows `rows` become copies of row `good` (bad samples replaced by a batch-mate)."""
+        if not rows:
+            return
+        lab = [self.labels[self.label_ptr[i]:self.label_ptr[i + 1]] for i in range(len(self))]
+        for r in rows:
+            for a in (self.shard, self.row, self.gid, self.offset, self.size, self.wh, self.key):
+                a[r] = a[good]
+            lab[r] = lab[good]
+        self.label_ptr = np.concatenate([[0], np.cumsum([len(x) for x in lab])]).astype(np.int64)
+        self.labels = np.concatenate(lab).astype(np.int32) if lab else np.zeros(0, np.int32)
+
+
+@dataclass
+class _Shard:
+    samples: sidecar.ShardSamples
+    rows: np.ndarray          # rows a plan's k indexes (all, labeled, or sorted draws)
+    bad: dict[int, str]       # row -> reason found in the sidecar (labels outside the vocabulary)
+
+
+class BatchSource:
+    """Batches of sidecar rows for one rank: `batch(epoch, b)`; pure given the index and the config."""
+
+    def __init__(self, cfg: LoaderConfig, index: ShardIndex, *, rank: int, world_size: int):
+        self.cfg, self.index, self.rank, self.world_size = cfg, index, rank, world_size
+        self.counts = index.labeled if cfg.task == "wsp" else index.samples
+        pool = int(self.counts.sum())
+        # an epoch under sqrt resampling is `epoch_samples` draws (default: as many as labeled samples)
+        self.epoch_samples = (cfg.epoch_samples or pool) if cfg.resample == "sqrt" else pool
+        self.length = plan.epoch_length(self.epoch_samples, world_size=world_size, batch_size=cfg.batch_size,
+                                        drop_last=cfg.drop_last)
+        self.batches_per_epoch = plan.batches_per_epoch(self.epoch_samples, world_size=world_size,
+                                                        batch_size=cfg.batch_size, drop_last=cfg.drop_last)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._plans: OrderedDict[int, plan.EpochPlan] = OrderedDict()
+        self._shards: OrderedDict[tuple[int, int], _Shard] = OrderedDict()
+        self._capacity = 2 * max(1, self.cfg.window_shards) + 16
+
+    def __getstate__(self):  # sent to DataLoader workers: the index, not the caches
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def epoch_plan(self, epoch: int) -> plan.EpochPlan:
+        if epoch not in self._plans:
+            counts = self.counts
+            if self.cfg.resample == "sqrt":
+                counts = plan.resample_counts(self.index.sqrt_weight, self.epoch_samples, seed=self.cfg.seed,
+                                              epoch=epoch)
+            self._plans[epoch] = plan.EpochPlan(counts, seed=self.cfg.seed, epoch=epoch, shuffle=self.cfg.shuffled,
+                                                window_shards=self.cfg.window_shards)
+            while len(self._plans) > 2:
+                self._plans.popitem(last=False)
+        return self._plans[epoch]
+
+    def batch_len(self, b: int) -> int:
+        start, stop = plan.batch_span(b, rank=self.rank, world_size=self.world_size, batch_size=self.cfg.batch_size,
+                                      length=self.length)
+        return stop - start
+
+    def plan_of(self, epoch: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, k) of rank's batch b: no sidecar read."""
+        start, stop = plan.batch_span(b, rank=self.rank, world_size=self.world_size, batch_size=self.cfg.batch_size,
+                                      length=self.length)
+        return self.epoch_plan(epoch).locate(start, stop)
+
+    def shard(self, epoch: int, s: int, m: int) -> _Shard:
+        """Shard s's sidecar and the rows its plan indexes this epoch (m = its count in the plan)."""
+        key = (epoch if self.cfg.resample == "sqrt" else -1, s)  # only resampled rows change per epoch
+        if key in self._shards:
+            self._shards.move_to_end(key)
+            return self._shards[key]
+        samples = read_sidecar(self.index, s)
+        n = int(self.index.samples[s])
+        bad = {}
+        if len(samples.labels) and self.index.num_classes and samples.labels.max() >= self.index.num_classes:
+            rows_of = np.repeat(np.arange(len(samples)), np.diff(samples.label_ptr))
+            for r in np.unique(rows_of[samples.labels >= self.index.num_classes]):
+                bad[int(r)] = "label_out_of_range"
+        if self.cfg.task != "wsp":
+            rows = np.arange(n, dtype=np.int64)
+        else:
+            rows = np.flatnonzero(np.diff(samples.label_ptr)[:n] > 0)
+            if self.cfg.resample == "sqrt":
+                # (a label outside the vocabulary, marked bad above, counts as 1 instead of raising here)
+                w = sidecar.sample_weights_csr(samples.label_ptr[:n + 1], samples.labels,
+                                               np.append(self.index.class_counts, 1))[rows]
+                rows = rows[plan.shard_draws(w, m, seed=self.cfg.seed, epoch=epoch, shard=s)]
+        entry = _Shard(samples, rows, bad)
+        self._shards[key] = entry
+        while len(self._shards) > self._capacity:
+            self._shards.popitem(last=False)
+        return entry
+
+    def batch(self, epoch: int, b: int) -> tuple[BatchSamples, list[tuple[int, str]]]:
+        """Batch b of `epoch` on this rank, and the (row, reason) of samples the sidecar marks bad."""
+        shards, ks = self.plan_of(epoch, b)
+        n = len(shards)
+        out = BatchSamples(shard=shards.astype(np.int64), row=np.zeros(n, np.int64), gid=np.zeros(n, np.int64),
+                           offset=np.zeros(n, np.int64), size=np.zeros(n, np.int64), wh=np.zeros((n, 2), np.int32),
+                           key=np.zeros(n, "S1"), label_ptr=np.zeros(n + 1, np.int64), labels=np.zeros(0, np.int32))
+        counts = self.epoch_plan(epoch).counts
+        keys, lens, labs, bad = [None] * n, np.zeros(n, np.int64), [None] * n, []
+        for s in np.unique(shards):
+            at = np.flatnonzero(shards == s)
+            entry = self.shard(epoch, int(s), int(counts[s]))
+            rows = entry.rows[ks[at]]
+            sm = entry.samples
+            out.row[at], out.offset[at], out.size[at], out.wh[at] = rows, sm.jpg_offset[rows], sm.jpg_size[rows], sm.size[rows]
+            for i, r in zip(at, rows):  # per-sample, but only the batch's (keys and label slices for the caller)
+                keys[i] = sm.key[r]
+                labs[i] = sm.labels[sm.label_ptr[r]:sm.label_ptr[r + 1]]
+                lens[i] = len(labs[i])
+                if r in entry.bad:
+                    bad.append((int(i), entry.bad[int(r)]))
+        out.gid = self.index.first[out.shard] + out.row
+        if n:
+            out.key = np.array(keys)
+            out.label_ptr[1:] = np.cumsum(lens)
+            out.labels = np.concatenate(labs).astype(np.int32)
+        return out, bad
+
+
+def geometry(cfg: LoaderConfig, wh: np.ndarray, gids: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes and flips of one batch (both backends), from the sizes the builder recorded."""
+    from maws_data.transforms import batch_geometry
+
+    return batch_geometry(wh[:, 0], wh[:, 1], gids, task=cfg.task, image_size=cfg.image_size, seed=cfg.seed,
+                          epoch=epoch, crop_scale=cfg.crop_scale)
