@@ -137,6 +137,21 @@ def inspect(
         _print_samples(console, Path(build_dir) / manifest["shards"][0]["name"], samples)
 
 
+@app.command()
+def upgrade(
+    build_dir: Annotated[Path, typer.Argument(help="The --out folder of a build made before per-shard sidecars.")],
+) -> None:
+    """Add the loader's per-shard sample sidecars and sqrt weights to an older build (reads each KEY.json once)."""
+    from maws_data.sidecar import upgrade_build
+
+    try:
+        n = upgrade_build(build_dir, log=lambda line: typer.echo(line, err=True))
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{build_dir}: {n} sidecars written")
+
+
 def _print_samples(console, tar_path: Path, n: int) -> None:
     from rich.table import Table
 
