@@ -27,6 +27,7 @@ import io
 import json
 import os
 import posixpath
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,9 +65,30 @@ class ShardIndex:
         return (tar.removesuffix(".tar")) + sidecar.SUFFIX
 
 
+RETRIES = 5  # attempts per remote read (sidecars, manifest, stats; reader.py uses it for JPEG ranges too)
+
+
+def retrying(call, what: str):
+    """call(), retried with backoff when a remote read fails (dropped connection, timeout, 5xx); a missing
+    file is not retried."""
+    for attempt in range(RETRIES):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # aiohttp, botocore, OSError: whatever a dropped link raises
+            if attempt == RETRIES - 1:
+                raise OSError(f"reading {what} failed {RETRIES} times: {e}") from e
+            retrying.count += 1
+            time.sleep(0.1 * 2 ** attempt)
+
+
+retrying.count = 0  # retried reads in this process (tests, diagnostics)
+
+
 def _read_bytes(url: str) -> bytes:
     fs, path = storage.filesystem(url)
-    return fs.cat_file(path)
+    return retrying(lambda: fs.cat_file(path), url) if storage.is_remote(url) else fs.cat_file(path)
 
 
 def _exists(url: str) -> bool:

@@ -7,7 +7,7 @@ Remote tars (`s3://`, `http(s)://`, through fsspec): the samples of a batch are 
 the samples of one shard that lie close together in its tar (the plan reads each shard front to back,
 so a batch's samples of a shard are consecutive) are fetched with one ranged GET per run, several
 shards in parallel. A read that fails (dropped connection, timeout, 5xx) is retried with backoff
-(`RETRIES` attempts) before it becomes an error; a missing object is an error naming it at once.
+(`index.RETRIES` attempts) before it becomes an error; a missing object is an error naming it at once.
 
 Memory: O(batch bytes) plus O(open descriptors).
 """
@@ -15,18 +15,16 @@ Memory: O(batch bytes) plus O(open descriptors).
 from __future__ import annotations
 
 import os
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from maws_data import storage
-from maws_data.loader.index import ShardIndex
+from maws_data.loader.index import ShardIndex, retrying
 
 JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
 MAX_OPEN = 512             # local descriptors kept open per process (> the shards of one batch)
-RETRIES = 5                # attempts per remote range
 RUN_GAP = 1 << 20          # remote: samples closer than this in a tar are fetched in one range
 REMOTE_THREADS = 8         # remote: shards of a batch fetched in parallel
 
@@ -54,7 +52,6 @@ class ShardFiles:
 
     def __init__(self, index: ShardIndex, threads: int = 1):
         self.index, self.threads = index, threads
-        self.retried = 0  # remote ranges that needed more than one attempt
         self._reset()
 
     def _reset(self) -> None:
@@ -133,14 +130,7 @@ class ShardFiles:
         return out
 
     def _ranged(self, path: str, start: int, end: int) -> bytes:
-        for attempt in range(RETRIES):
-            try:
-                return self._fs.cat_file(path, start=start, end=end)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"shard {path} listed in the index but missing") from None
-            except Exception as e:  # aiohttp, botocore, OSError: whatever a dropped link raises
-                if attempt == RETRIES - 1:
-                    raise OSError(f"reading {path} bytes {start}-{end} failed {RETRIES} times: {e}") from e
-                self.retried += 1
-                time.sleep(0.1 * 2 ** attempt)
-        raise AssertionError("unreachable")
+        try:
+            return retrying(lambda: self._fs.cat_file(path, start=start, end=end), f"{path} bytes {start}-{end}")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {path} listed in the index but missing") from None
