@@ -53,7 +53,8 @@ def test_tiny_build_layout_and_manifest(tiny_build, tiny_source):
     m = json.loads((tiny_build / "manifest.json").read_text())
     assert m["schema"] == 1
     # Known for these 60 real posts: 58 carry a kept synset, 82 synsets have >= 2 images.
-    assert m["counts"] == {"rows": 60, "written": 60, "labeled": 58, "unlabeled": 2, "skipped": {}}
+    assert m["counts"] == {"rows": 60, "written": 60, "labeled": 58, "unlabeled": 2, "caption_missing": 0,
+                           "skipped": {}}
     assert m["classes"] == 82
     assert [s["name"] for s in m["shards"]] == [f"shards/shard-{i:06d}.tar" for i in range(4)]
     assert [s["samples"] for s in m["shards"]] == [16, 16, 16, 12]  # unequal last shard
@@ -134,13 +135,12 @@ def test_vocabulary_selection_rule():
 
 
 def test_safe_key():
-    used: set[str] = set()
-    assert safe_key("abc-DEF_1", 0, used) == "abc-DEF_1"
-    assert safe_key("a.b/c d\te", 1, used) == "a_b_c_d_e"
-    assert safe_key("a_b_c_d_e", 2, used) == "a_b_c_d_e_r2"
-    assert safe_key("ключ", 3, used) == "____"
-    long = safe_key("x" * 200, 4, used)
+    assert safe_key("abc-DEF_1") == "abc-DEF_1"
+    assert safe_key("a.b/c d\te") == "a_b_c_d_e"
+    assert safe_key("ключ") == "____"
+    long = safe_key("x" * 200)
     assert len(long) == 64 and long.startswith("x" * 47 + "_")
+    assert long != safe_key("x" * 201)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +148,8 @@ def test_safe_key():
 
 
 def bad_config(source: Path, out: Path, **kw) -> BuildConfig:
-    return BuildConfig(**{"source": str(source), "out": str(out), "image_size": 64, "shard_size": 5, "min_count": 1,
-                          "decoder": "pil", "processes": 1, "progress": False, **kw})
+    return BuildConfig(**{"source": str(source), "out": str(out), "image_size": 64, "shard_size": 4, "min_count": 1,
+                          "decoder": "pil", "processes": 1, "progress": False, "mapping_cache": "", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -157,30 +157,68 @@ def bad_build(bad_source, tmp_path_factory) -> Path:
     return build(bad_config(bad_source, tmp_path_factory.mktemp("bad") / "out"))
 
 
-def test_bad_rows_are_counted_exactly(bad_build):
-    m = json.loads((bad_build / "manifest.json").read_text())
+def check_bad_build(out: Path) -> None:
+    """The exact outcome of tests/build/conftest.py:make_bad_source at shard_size 4."""
+    m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["rows"] == 30
-    assert m["counts"]["written"] == 22  # rows 0-19, 26, 27
+    assert m["counts"]["written"] == 23  # rows 0-19, 24 (null caption: kept, unlabeled), 26, 27
+    assert m["counts"]["caption_missing"] == 1
     assert m["counts"]["skipped"] == {"caption_not_utf8": 1, "duplicate_key": 1, "empty": 1, "missing_path": 1,
-                                      "not_image": 1, "null_caption": 1, "null_key": 1, "truncated": 1}
-    skipped = [json.loads(line) for line in (bad_build / "skipped.jsonl").read_text().splitlines()]
+                                      "not_image": 1, "null_key": 1, "truncated": 1}
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [(s["row"], s["reason"]) for s in skipped] == [
-        (20, "missing_path"), (21, "truncated"), (22, "not_image"), (23, "duplicate_key"), (24, "null_caption"),
+        (20, "missing_path"), (21, "truncated"), (22, "not_image"), (23, "duplicate_key"),
         (25, "null_key"), (28, "empty"), (29, "caption_not_utf8")]
-    assert [s["key"] for s in skipped] == ["missing-1", "trunc-1", "text-1", all_samples(bad_build)[0][0],
-                                           "nullcap-1", None, "empty-1", "badutf8-1"]
+    assert [s["key"] for s in skipped] == ["missing-1", "trunc-1", "text-1", all_samples(out)[0][0],
+                                           None, "empty-1", "badutf8-1"]
+    assert skipped[3]["detail"] == f"key {all_samples(out)[0][0]!r} already used by row 0"
     assert all(s["detail"] for s in skipped)
-    # shard 4 (rows 20-24) has no sample: committed by its stats, but no tar and not in the manifest
-    assert [s["name"] for s in m["shards"]] == [f"shards/shard-{i:06d}.tar" for i in (0, 1, 2, 3, 5)]
-    assert [s["samples"] for s in m["shards"]] == [5, 5, 5, 5, 2]
-    empty = json.loads((bad_build / "shards/shard-000004.json").read_text())
-    assert (empty["shard"], empty["samples"], empty["rows"]) == (None, 0, [20, 25])
-    assert empty["skipped"] == {"missing_path": 1, "truncated": 1, "not_image": 1, "duplicate_key": 1,
-                                "null_caption": 1}
-    assert not (bad_build / "shards/shard-000004.tar").exists()
-    last = tar_samples(bad_build / "shards/shard-000005.tar")
-    assert [k for k, _ in last] == ["we_ird_key_name", "we_ird_key_name_r27"]
-    assert [json.loads(m["json"])["source_key"] for _, m in last] == ["we.ird/key name", "we_ird_key_name"]
+    # shards 5 (rows 20-23) and 7 (rows 28-29) have no sample: committed by their stats, no tar, not in the manifest
+    assert [s["name"] for s in m["shards"]] == [f"shards/shard-{i:06d}.tar" for i in (0, 1, 2, 3, 4, 6)]
+    assert [s["samples"] for s in m["shards"]] == [4, 4, 4, 4, 4, 3]
+    empty = json.loads((out / "shards/shard-000005.json").read_text())
+    assert (empty["shard"], empty["samples"], empty["rows"]) == (None, 0, [20, 24])
+    assert empty["skipped"] == {"missing_path": 1, "truncated": 1, "not_image": 1, "duplicate_key": 1}
+    assert not (out / "shards/shard-000005.tar").exists()
+    last = tar_samples(out / "shards/shard-000006.tar")
+    assert [k for k, _ in last] == ["nullcap-1", "we_ird_key_name", "we_ird_key_name_r27"]
+    metas = [json.loads(m["json"]) for _, m in last]
+    assert [m["source_key"] for m in metas] == ["nullcap-1", "we.ird/key name", "we_ird_key_name"]
+    assert (metas[0]["caption"], metas[0]["hashtags"], metas[0]["labels"]) == (None, [], [])
+    assert last[0][1]["cls"] == b"-1"
+    assert json.loads((out / "shards/shard-000006.json").read_text())["caption_missing"] == 1
+
+
+def test_bad_rows_are_counted_exactly(bad_build):
+    check_bad_build(bad_build)
+
+
+def test_bad_rows_over_several_files_and_key_buckets(bad_source, bad_build, tmp_path, monkeypatch):
+    # the same 30 rows as three files (split at shard boundaries), keys spread over 7 hash buckets:
+    # the duplicate (row 23 = row 0, another file) and the sanitised-key clash (26/27) are still found
+    from maws_data import textpass
+
+    monkeypatch.setattr(textpass, "KEYS_PER_BUCKET", 4)
+    table = pl.read_parquet(bad_source)
+    src = tmp_path / "split"
+    src.mkdir()
+    (src / "images").symlink_to(bad_source.parent / "images", target_is_directory=True)
+    (src / "bad").symlink_to(bad_source.parent / "bad", target_is_directory=True)
+    for i, (a, b) in enumerate([(0, 12), (12, 24), (24, 30)]):
+        table.slice(a, b - a).write_parquet(src / f"part-{i}.parquet")
+    out = build(bad_config(src, tmp_path / "out"))
+    check_bad_build(out)
+    first, second = output_digests(bad_build), output_digests(out)
+    assert sorted(first) == sorted(second)
+    # skipped.jsonl names the missing file's path, which is another folder here
+    assert {k: v for k, v in first.items() if not k.endswith((".json", ".jsonl"))} == \
+        {k: v for k, v in second.items() if not k.endswith((".json", ".jsonl"))}
+    for name in (k for k in first if k.startswith("shards/") and k.endswith(".json")):
+        a, b = (json.loads((d / name).read_text()) for d in (bad_build, out))
+        assert a.pop("fingerprint") != b.pop("fingerprint")  # other inputs, same shard
+        for r in a["skipped_rows"] + b["skipped_rows"]:
+            r["detail"] = r["detail"].replace(str(src), str(bad_source.parent))
+        assert a == b
 
 
 def test_two_builds_are_byte_identical(bad_source, bad_build, tmp_path):
@@ -188,7 +226,7 @@ def test_two_builds_are_byte_identical(bad_source, bad_build, tmp_path):
     again = build(bad_config(bad_source, tmp_path / "again", processes=2, threads=1))
     first, second = output_digests(bad_build), output_digests(again)
     assert sorted(first) == sorted(second)
-    assert len([f for f in first if f.endswith(".tar")]) == 5
+    assert len([f for f in first if f.endswith(".tar")]) == 6
     assert first == second | {"manifest.json": first["manifest.json"]}
     # the manifests differ only in the runtime settings
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (bad_build, again))

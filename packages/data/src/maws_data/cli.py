@@ -37,10 +37,13 @@ class Decoder(str, Enum):
 
 @app.command()
 def build(
-    source: Annotated[Path, typer.Option(help="Captions table: a parquet/CSV/JSONL file or a folder of them. "
-                                              "Relative image paths resolve against each file's folder.")],
-    out: Annotated[Path, typer.Option(help="Output folder (manifest.json, vocabulary.tsv, hashtag_map.tsv, "
-                                           "skipped.jsonl, shards/). Rerunning on it resumes the build.")],
+    source: Annotated[str, typer.Option(help="Captions table: a parquet/CSV/JSONL file, a folder or glob of them, "
+                                             "s3://bucket/prefix, an http(s):// file, or a Hugging Face datasets "
+                                             "save_to_disk folder. Relative image paths resolve against each file's "
+                                             "folder.")],
+    out: Annotated[str, typer.Option(help="Output folder or s3://bucket/prefix (manifest.json, vocabulary.tsv, "
+                                          "hashtag_map.tsv, skipped.jsonl, shards/). Rerunning on it resumes "
+                                          "the build.")],
     image_size: Annotated[int, typer.Option(help="Shorter side of the stored images in pixels (never upscaled).")] = 256,
     shard_size: Annotated[int, typer.Option(help="Input rows per shard (skipped rows included).")] = 1000,
     min_count: Annotated[int, typer.Option(help="Keep WordNet synsets with at least this many images.")] = 10,
@@ -75,28 +78,44 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing build in --out made from another input or "
                                                  "config (otherwise refused).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar and a summary table on stderr.")] = True,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL for s3:// sources and outputs "
+                                                         "(sets MAWS_S3_ENDPOINT; default: AWS_ENDPOINT_URL or AWS).")] = None,
+    mapping_cache: Annotated[str | None, typer.Option(help="Folder of the hashtag-mapping cache reused across "
+                                                           "builds (default ~/.cache/maws-data/hashtag-maps; "
+                                                           "'' turns it off).")] = None,
+    text_unit_rows: Annotated[int, typer.Option(help="Rows per text-pass task (rounded to whole shards; output "
+                                                     "unchanged).")] = 100_000,
+    task_timeout: Annotated[float, typer.Option(help="Seconds a shard task may run before it is cancelled and "
+                                                     "retried (Ray) or the build stops (local).")] = 1800.0,
+    task_retries: Annotated[int, typer.Option(help="Ray: attempts after a lost worker or node, or a deadline.")] = 3,
 ) -> None:
     """Build WebDataset shards, vocabulary and manifest from a captions table (resumable)."""
+    import os
+
     from maws_data.build import BuildConfig, BuildError
     from maws_data.build import build as run_build
+    from maws_data.runner import TaskFailed
     from maws_data.sources import SourceError
     from maws_data.wordnet import WordNetMissingError
 
+    if s3_endpoint:
+        os.environ["MAWS_S3_ENDPOINT"] = s3_endpoint
     try:
-        cfg = BuildConfig(source=str(source), out=str(out), key_column=key_column, image_column=image_column,
+        cfg = BuildConfig(source=source, out=out, key_column=key_column, image_column=image_column,
                           caption_column=caption_column, image_size=image_size, jpeg_quality=jpeg_quality,
                           shard_size=shard_size, min_count=min_count, max_classes=max_classes,
                           stoplist=str(stoplist) if stoplist else None, ambiguity=ambiguity.value,
                           segmentation=segmentation, max_download_bytes=int(max_download_mb * (1 << 20)),
                           max_pixels=max_pixels, decoder=decoder.value, timeout_s=timeout,
                           retries=retries, processes=processes, threads=threads, runner=runner.value, ray_address=ray_address,
-                          overwrite=overwrite, progress=progress)
+                          overwrite=overwrite, progress=progress, mapping_cache=mapping_cache,
+                          text_unit_rows=text_unit_rows, task_timeout_s=task_timeout, task_retries=task_retries)
         if stoplist is not None and not stoplist.is_file():
             raise BuildError(f"--stoplist {stoplist}: no such file")
         result = run_build(cfg)
-    except (SourceError, BuildError, WordNetMissingError, ValueError) as e:
+    except (SourceError, BuildError, WordNetMissingError, TaskFailed, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     typer.echo(str(result))
 
 

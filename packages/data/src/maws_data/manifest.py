@@ -7,7 +7,8 @@ killed at any moment leaves only complete files plus `.tmp` leftovers that the n
 manifest.json (schema `MANIFEST_VERSION`, written last by `maws_data.build`):
     {"schema": 1, "inputs": [{"path", "sha256", "bytes"}], "config": {...resolved BuildConfig...},
      "fingerprint": str, "counts": {"rows", "written", "labeled", "unlabeled", "skipped": {reason: n}},
-     "classes": int, "shards": [{"name", "samples", "labeled", "sha256", "bytes"}]}
+     "classes": int, "shards": [{"name", "samples", "labeled", "sha256", "bytes", "rows", "sqrt_weight"}]}
+    counts also has "caption_missing": samples written whose caption was null (kept, unlabeled).
 """
 
 from __future__ import annotations
@@ -81,19 +82,70 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
     if counts["labeled"] + counts["unlabeled"] != counts["written"]:
         raise AssertionError(f"manifest counts do not add up: labeled {counts['labeled']} + unlabeled "
                              f"{counts['unlabeled']} != written {counts['written']}")
-    path = Path(out_dir) / MANIFEST_NAME
-    atomic_write_json(path, {"schema": MANIFEST_VERSION, **manifest})
-    return path
+    from maws_data import storage
+
+    path = storage.join(str(out_dir), MANIFEST_NAME)
+    write_json(path, {"schema": MANIFEST_VERSION, **manifest})
+    return Path(path) if not storage.is_remote(path) else path
 
 
 def read_manifest(out_dir: str | Path) -> dict:
     """The manifest of a finished build; a clear error when the folder is not one."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
+    from maws_data import storage
+
+    path = storage.join(str(out_dir), MANIFEST_NAME) if storage.is_remote(str(out_dir)) else Path(out_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(read_bytes(str(path)).decode("utf-8"))
+    except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no manifest.json; is {out_dir} the --out folder of a finished "
-                                "`maws-data build`?")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+                                "`maws-data build`?") from None
     if manifest.get("schema") != MANIFEST_VERSION:
         raise ValueError(f"{path}: manifest schema {manifest.get('schema')!r}, this maws-data reads "
                          f"schema {MANIFEST_VERSION}")
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# The same for a build folder that may be on object storage (`s3://bucket/prefix`): a local path
+# gets the atomic temp-and-rename above; an object store makes each PUT atomic by itself (an object
+# appears only when its upload completes), so a remote write never leaves half an object.
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    from maws_data import storage
+
+    if storage.is_remote(url):
+        fs, path = storage.filesystem(url)
+        fs.pipe_file(path, data)
+    else:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(url, data)
+
+
+def read_bytes(url: str) -> bytes:
+    from maws_data import storage
+
+    if storage.is_remote(url):
+        fs, path = storage.filesystem(url)
+        return fs.cat_file(path)
+    return Path(url).read_bytes()
+
+
+def exists(url: str) -> bool:
+    from maws_data import storage
+
+    fs, path = storage.filesystem(url)
+    return fs.exists(path)
+
+
+def remove(url: str) -> None:
+    """Delete a file or a whole folder/prefix, if there."""
+    from maws_data import storage
+
+    fs, path = storage.filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_bytes(url, dumps_json(obj).encode("utf-8"))

@@ -27,14 +27,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from maws_data import sidecar, storage
 from maws_data.images import ImageConfig, SkipSample, load_and_process_many, load_image_bytes, process_images_dali
-from maws_data import sidecar
-from maws_data.manifest import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from maws_data.manifest import read_bytes, sha256_file, write_bytes, write_json
 
 # Fixed tar metadata: with these, the tar bytes depend only on the samples (reproducible builds).
 TAR_USER = "maws"
@@ -56,7 +58,7 @@ class ShardRow:
     source_key: str
     image: str | bytes | None
     base_dir: str
-    caption: str
+    caption: str | None  # None: the source's caption was null (kept, unlabeled; counted as caption_missing)
     hashtags: list[str]
     wnids: list[str]  # kept synsets only, caption order
     labels: list[int]  # their vocabulary indices
@@ -69,7 +71,7 @@ class ShardTask:
     end_row: int  # exclusive
     rows: list[ShardRow]
     skipped: list[dict]  # rows already skipped by the text checks: {"row", "key", "reason", "detail"}
-    shards_dir: str
+    shards_dir: str  # local folder or remote prefix
     image: ImageConfig  # decoder already resolved to "pil" or "dali"
     dali_device: str = "cpu"
     fingerprint: str = ""
@@ -118,12 +120,25 @@ def _images(task: ShardTask) -> list[tuple[bytes, int, int] | SkipSample]:
 
 
 def write_shard(task: ShardTask) -> dict:
-    """Write the shard's tar, index and stats; return the stats dict (also in shard-NNNNNN.json)."""
-    shards = Path(task.shards_dir)
-    tar_path, idx_path = shards / f"{task.stem}.tar", shards / f"{task.stem}.idx"
-    tmp_tar = shards / f".{task.stem}.tar.tmp"
+    """Write the shard's tar, index, sidecar and stats; return the stats dict (also in shard-NNNNNN.json).
+
+    `task.shards_dir` is a local folder or a remote prefix (`s3://...`): the tar is written to a
+    local temporary file first either way (the DALI index and the checksum read it back), then
+    renamed into place or uploaded. Order: tar, index, sidecar, stats JSON last (the commit marker).
+    """
+    remote = storage.is_remote(task.shards_dir)
+    local_dir = Path(tempfile.mkdtemp(prefix="maws-shard-")) if remote else Path(task.shards_dir)
+    try:
+        return _write_shard(task, local_dir, remote)
+    finally:
+        if remote:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
+    tmp_tar = local_dir / f".{task.stem}.tar.tmp"
     skipped = list(task.skipped)
-    samples = labeled = 0
+    samples = labeled = missing = 0
     written_labels: list[list[int]] = []
     written_sizes: list[tuple[int, int]] = []
     with open(tmp_tar, "wb") as f:
@@ -137,27 +152,35 @@ def write_shard(task: ShardTask) -> dict:
                 add_sample(tar, r.key, {"jpg": jpeg, "cls": cls, "json": sample_json(r, w, h)})
                 samples += 1
                 labeled += bool(r.labels)
+                missing += r.caption is None
                 written_labels.append(r.labels)
                 written_sizes.append((w, h))
         f.flush()
         os.fsync(f.fileno())
     skipped.sort(key=lambda s: s["row"])
+    name = f"{task.stem}.tar"
     if samples:
         index = dali_index(tmp_tar)
-        os.replace(tmp_tar, tar_path)  # the tar first: an index never names a tar that is not there yet
-        atomic_write_text(idx_path, index)
-        atomic_write_bytes(shards / f"{task.stem}{sidecar.SUFFIX}", sidecar.encode(index, written_labels, written_sizes))
-        digest, size, name = sha256_file(tar_path), tar_path.stat().st_size, tar_path.name
+        digest, size = sha256_file(tmp_tar), tmp_tar.stat().st_size
+        side = sidecar.encode(index, written_labels, written_sizes)
+        if remote:  # the tar first: an index never names a tar that is not there yet
+            fs, base = storage.filesystem(task.shards_dir)
+            fs.put_file(str(tmp_tar), f"{base}/{name}")
+        else:
+            os.replace(tmp_tar, local_dir / name)
+        write_bytes(storage.join(task.shards_dir, f"{task.stem}.idx"), index.encode("utf-8"))
+        write_bytes(storage.join(task.shards_dir, f"{task.stem}{sidecar.SUFFIX}"), side)
     else:
-        tmp_tar.unlink()
         digest, size, name = None, 0, None
+    tmp_tar.unlink(missing_ok=True)
     reasons: dict[str, int] = {}
     for s in skipped:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
     stats = {"shard": name, "samples": samples, "labeled": labeled, "sha256": digest, "bytes": size,
              "rows": [task.first_row, task.end_row], "skipped": reasons, "skipped_rows": skipped,
+             "caption_missing": missing,
              "fingerprint": task.fingerprint, **sidecar.stats_fields(written_labels, task.class_counts)}
-    atomic_write_json(shards / f"{task.stem}.json", stats)  # last: the commit marker
+    write_json(storage.join(task.shards_dir, f"{task.stem}.json"), stats)  # last: the commit marker
     return stats
 
 
@@ -194,26 +217,61 @@ def dali_index(tar_path: str | Path) -> str:
     return f"{IDX_VERSION} {len(bundles)}\n" + "".join(" ".join(b) + "\n" for b in bundles)
 
 
-def completed_stats(shards_dir: str | Path, index: int, fingerprint: str, *, verify: bool = True) -> dict | None:
+def completed_stats(shards_dir: str | Path, index: int, fingerprint: str, *, verify: bool = True,
+                    listing: dict[str, int] | None = None) -> dict | None:
     """The stats of a finished shard of this build, or None when it must be (re)written.
 
     Finished means: the stats JSON exists and belongs to this build, and (when it has samples) the
-    tar exists with the recorded size and sha256 and the index exists.
+    tar exists with the recorded size (and, locally with `verify`, sha256) and the index and sidecar
+    exist. `listing` ({file name: size} of the folder, from `list_sizes`) saves a request per file
+    on object storage; there the sha256 is not re-read (it would mean downloading every tar), the
+    size and the commit order stand for it.
     """
-    shards = Path(shards_dir)
+    shards = str(shards_dir)
     stem = shard_stem(index)
+    sizes = listing if listing is not None else None
+    if sizes is not None and f"{stem}.json" not in sizes:
+        return None
     try:
-        stats = json.loads((shards / f"{stem}.json").read_text(encoding="utf-8"))
+        stats = json.loads(read_bytes(storage.join(shards, f"{stem}.json")).decode("utf-8"))
     except (FileNotFoundError, ValueError):
         return None
     if stats.get("fingerprint") != fingerprint:
         return None
     if stats["samples"]:
-        tar_path = shards / f"{stem}.tar"
-        if not tar_path.is_file() or tar_path.stat().st_size != stats["bytes"]:
+        if sizes is None:
+            sizes = _sizes_of(shards, [f"{stem}.tar", f"{stem}.idx", f"{stem}{sidecar.SUFFIX}"])
+        if sizes.get(f"{stem}.tar") != stats["bytes"]:
             return None
-        if not (shards / f"{stem}.idx").is_file() or not (shards / f"{stem}{sidecar.SUFFIX}").is_file():
+        if f"{stem}.idx" not in sizes or f"{stem}{sidecar.SUFFIX}" not in sizes:
             return None
-        if verify and sha256_file(tar_path) != stats["sha256"]:
+        if verify and not storage.is_remote(shards) and sha256_file(Path(shards) / f"{stem}.tar") != stats["sha256"]:
             return None
     return stats
+
+
+def _sizes_of(folder: str, names: list[str]) -> dict[str, int]:
+    fs, path = storage.filesystem(folder)
+    out = {}
+    for n in names:
+        try:
+            out[n] = int(fs.info(f"{path}/{n}")["size"])
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def list_sizes(folder: str, prefix: str = "") -> dict[str, int]:
+    """{file name: size} of the files directly in `folder` (local or remote), optionally by name prefix."""
+    if not storage.is_remote(folder):
+        try:
+            return {e.name: e.stat().st_size for e in os.scandir(folder) if e.name.startswith(prefix) and e.is_file()}
+        except FileNotFoundError:
+            return {}
+    fs, path = storage.filesystem(folder)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries
+            if e.get("type") == "file" and e["name"].rsplit("/", 1)[-1].startswith(prefix)}

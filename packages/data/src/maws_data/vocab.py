@@ -163,3 +163,37 @@ def label_rows(row_wnids: pl.DataFrame, vocab: Vocabulary) -> pl.DataFrame:
         "kept": pl.Series(kept, dtype=pl.List(pl.String)),
         "labels": pl.Series([[index[w] for w in ws] for ws in kept], dtype=pl.List(pl.Int64)),
     })
+
+
+# ---------------------------------------------------------------------------------------------
+# The same two tables from merged counts (the build's parallel text pass): identical results to
+# build_vocabulary / hashtag_map_frame above, which need every row in one frame.
+
+
+def vocabulary_from_counts(synset_counts: dict[str, int], tag_counts: dict[str, int],
+                           tag_wnids: dict[str, tuple[str, ...]], *, min_count: int, max_classes: int | None,
+                           synset_name: Callable[[str], str]) -> Vocabulary:
+    """`build_vocabulary` from rows per synset, rows per hashtag and each tag's synsets."""
+    kept = sorted(((w, c) for w, c in synset_counts.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
+    if max_classes is not None:
+        kept = kept[:max_classes]
+    wanted = {w for w, _ in kept}
+    fed: dict[str, list[str]] = {w: [] for w in wanted}
+    for tag in sorted(tag_counts, key=lambda t: (-tag_counts[t], t)):
+        for w in dict.fromkeys(tag_wnids.get(tag, ())):
+            if w in wanted:
+                fed[w].append(tag)
+    return Vocabulary(wnids=tuple(w for w, _ in kept), names=tuple(synset_name(w) for w, _ in kept),
+                      counts=tuple(c for _, c in kept), hashtags=tuple(tuple(fed[w]) for w, _ in kept))
+
+
+def hashtag_map_from_counts(tag_counts: dict[str, int], mapping: dict[str, tuple[tuple[str, ...], str]]
+                            ) -> pl.DataFrame:
+    """`hashtag_map_frame` from rows per hashtag and each tag's (synsets, rule)."""
+    tags = sorted(tag_counts, key=lambda t: (-tag_counts[t], t))
+    return pl.DataFrame({
+        "hashtag": tags,
+        "count": [tag_counts[t] for t in tags],
+        "wnids": [" ".join(mapping[t][0]) or None for t in tags],
+        "rule": [mapping[t][1] for t in tags],
+    }, schema={"hashtag": pl.String, "count": pl.Int64, "wnids": pl.String, "rule": pl.String})

@@ -1,0 +1,120 @@
+"""Stage 4 of the build, the image pass: one task per shard, run on the runner's workers.
+
+A task is a small record (which rows of which file, where the build lives); the worker reads its
+own rows from the source, decides each row's fate exactly as the text pass did
+(`textpass.row_checks`, plus the keys round's duplicates and renamed keys), labels the usable rows
+from the vocabulary (a tag -> kept synsets table, read once per worker process), and hands them to
+`maws_data.shards.write_shard`, which fetches, decodes and writes the shard and its commit marker.
+
+Memory (worker): one shard's rows and images, plus the tag -> kept synsets table.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import polars as pl
+
+from maws_data import storage
+from maws_data.hashtags import flat_map_distinct, mine_series
+from maws_data.images import ImageConfig
+from maws_data.manifest import read_bytes, write_bytes
+from maws_data.plan import Span
+from maws_data.shards import ShardRow, ShardTask, shard_stem, write_shard
+from maws_data.sources import SourceConfig, SourceFile, read_rows
+from maws_data.textpass import exceptions_for, row_checks, safe_keys
+from maws_data.vocab import Vocabulary
+
+LABELS_NAME = "labels.parquet"
+SHARDS_DIR = "shards"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    index: int
+    file: SourceFile
+    span: Span
+    source: SourceConfig
+    out: str  # the build folder / prefix
+    work: str
+    buckets: int
+    exceptions: bool  # whether the keys round found duplicates or renamed keys
+    image: ImageConfig  # decoder already resolved to "pil" or "dali"
+    dali_device: str
+    fingerprint: str
+    threads: int
+
+    @property
+    def rows(self) -> int:
+        return self.span.rows
+
+    def name(self) -> str:
+        return f"{shard_stem(self.index)} ({self.file.url} rows {self.span.first}..{self.span.end})"
+
+
+def write_labels(work: str, vocab: Vocabulary, mapping: dict[str, tuple[tuple[str, ...], str]]) -> None:
+    """The workers' label table: every tag that maps to a kept class -> its kept synsets (mapper order)."""
+    kept = set(vocab.wnids)
+    tags, wnids = [], []
+    for t in sorted(mapping):
+        ws = [w for w in mapping[t][0] if w in kept]
+        if ws:
+            tags.append(t)
+            wnids.append(ws)
+    buf = io.BytesIO()
+    pl.DataFrame({"hashtag": tags, "wnids": wnids},
+                 schema={"hashtag": pl.String, "wnids": pl.List(pl.String)}).write_parquet(buf)
+    write_bytes(storage.join(work, LABELS_NAME), buf.getvalue())
+
+
+_labels: dict = {}
+
+
+def _label_table(job: ShardJob) -> tuple[dict[str, tuple[str, ...]], dict[str, int], tuple[int, ...]]:
+    key = (job.work, job.fingerprint)
+    if key not in _labels:
+        _labels.clear()
+        df = pl.read_parquet(io.BytesIO(read_bytes(storage.join(job.work, LABELS_NAME))))
+        voc = pl.read_csv(io.BytesIO(read_bytes(storage.join(job.out, "vocabulary.tsv"))), separator="\t",
+                          schema_overrides={"wnid": pl.String, "name": pl.String, "hashtags": pl.String})
+        wnids = voc["wnid"].to_list()
+        _labels[key] = (dict(zip(df["hashtag"].to_list(), map(tuple, df["wnids"].to_list()))),
+                        {w: i for i, w in enumerate(wnids)}, tuple(int(c) for c in voc["count"]))
+    return _labels[key]
+
+
+def run_shard(job: ShardJob) -> dict:
+    """Build one shard; returns its stats without the per-row skip list (that stays in its JSON)."""
+    df = row_checks(read_rows(job.file, job.source, job.span.first, job.span.end, byte_range=job.span.byte_range),
+                    job.span.row0)
+    df = df.with_columns(pl.lit(None, pl.String).alias("new_key"))
+    if job.exceptions:
+        ex = exceptions_for(job.work, job.buckets, job.span.row0, job.span.row0 + job.span.rows)
+        if ex.height:
+            df = df.join(ex.rename({"reason": "x_reason", "key": "x_key", "detail": "x_detail"}), on="row",
+                         how="left", maintain_order="left")
+            df = df.with_columns(pl.coalesce("reason", "x_reason").alias("reason"),
+                                 pl.coalesce("detail", "x_detail").alias("detail"),
+                                 pl.col("x_key").alias("new_key"))
+    usable = pl.col("reason").is_null()
+    captions = df.select(pl.when(usable).then(pl.col("caption"))).to_series()
+    hashtags = mine_series(captions)["hashtags"]
+    kept, index, counts = _label_table(job)
+    wnids = flat_map_distinct(hashtags, lambda t: kept.get(t, ()), name="wnids")
+    safe = safe_keys(df["key"].fill_null(""))
+    keys = df.select(pl.coalesce(pl.col("new_key"), safe)).to_series()
+    rows, skipped = [], []
+    for row, src_key, key, image, caption, reason, detail, tags, ws in zip(
+            df["row"].to_list(), df["key"].to_list(), keys.to_list(), df["image"].to_list(), df["caption"].to_list(),
+            df["reason"].to_list(), df["detail"].to_list(), hashtags.to_list(), wnids.to_list()):
+        if reason is not None:
+            skipped.append({"row": row, "key": src_key, "reason": reason, "detail": detail})
+            continue
+        rows.append(ShardRow(row=row, key=key, source_key=src_key, image=image, base_dir=job.file.base_dir,
+                             caption=caption, hashtags=tags, wnids=ws, labels=[index[w] for w in ws]))
+    stats = write_shard(ShardTask(index=job.index, first_row=job.span.row0, end_row=job.span.row0 + job.span.rows,
+                                  rows=rows, skipped=skipped, shards_dir=storage.join(job.out, SHARDS_DIR),
+                                  image=job.image, dali_device=job.dali_device, fingerprint=job.fingerprint,
+                                  threads=job.threads, class_counts=counts))
+    return {k: v for k, v in stats.items() if k != "skipped_rows"}

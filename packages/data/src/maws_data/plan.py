@@ -1,0 +1,79 @@
+"""Stage 1 of the build, the plan: which rows of which file make which shard.
+
+A shard is a contiguous row range of ONE input file: file f's rows are cut into runs of
+`shard_size` (the last run of a file may be shorter), files in source order. So the plan is a list
+of small records (file, first row, end row, global row id of the first row, byte range for
+CSV/JSONL) and never holds a row. Row ids are global and deterministic: row id = number of rows in
+the files before + row number inside the file.
+
+Text-pass units are runs of whole shards of one file, at most `unit_rows` rows (rounded to whole
+shards): large enough that the per-unit overheads vanish, small enough that a worker holds only one.
+
+Memory: O(files + shards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from maws_data.sources import FileLayout, SourceConfig, SourceFile, scan_file
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Rows [first, end) of file `file` (an index into Plan.files); global ids row0 .. row0 + end - first."""
+
+    file: int
+    first: int
+    end: int
+    row0: int
+    byte_range: tuple[int, int] | None = None  # CSV/JSONL: where these rows are in the file
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.first
+
+
+@dataclass(frozen=True)
+class Plan:
+    files: tuple[SourceFile, ...]
+    shards: tuple[Span, ...]  # shard i is shards[i]
+    units: tuple[Span, ...]  # text-pass work units
+    rows: int
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    file: SourceFile
+    source: SourceConfig
+    step: int
+
+    @property
+    def rows(self) -> int:
+        return 0
+
+
+def scan(task: ScanTask) -> FileLayout:
+    """Runner entry point: one file's row count (and CSV/JSONL byte offsets)."""
+    return scan_file(task.file, task.source, task.step)
+
+
+def cut(files: list[SourceFile], layouts: list[FileLayout], shard_size: int, unit_rows: int) -> Plan:
+    """The plan, from each file's layout (see module docstring)."""
+    shards: list[Span] = []
+    units: list[Span] = []
+    per_unit = max(1, unit_rows // shard_size)
+    row0 = 0
+    for fi, layout in enumerate(layouts):
+        file_shards = []
+        for j, first in enumerate(range(0, layout.rows, shard_size)):
+            end = min(first + shard_size, layout.rows)
+            rng = (layout.offsets[j], layout.offsets[j + 1]) if layout.offsets else None
+            file_shards.append(Span(fi, first, end, row0 + first, rng))
+        for k in range(0, len(file_shards), per_unit):
+            group = file_shards[k:k + per_unit]
+            rng = (group[0].byte_range[0], group[-1].byte_range[1]) if layout.offsets else None
+            units.append(Span(fi, group[0].first, group[-1].end, group[0].row0, rng))
+        shards.extend(file_shards)
+        row0 += layout.rows
+    return Plan(files=tuple(files), shards=tuple(shards), units=tuple(units), rows=row0)

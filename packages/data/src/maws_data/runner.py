@@ -1,0 +1,216 @@
+"""The one place that knows about processes: run a function over a stream of tasks, locally or on Ray.
+
+    with Runner(RunnerConfig(kind="local", processes=4)) as runner:
+        for task, result in runner.map(fn, tasks, desc="text pass"):
+            ...
+
+`map` is unordered (results as they finish) and lazy: it pulls tasks from the iterable only to keep
+at most `in_flight` of them running or queued (2 per worker), so neither the driver nor the
+scheduler ever holds the whole task list (backpressure). Tasks are small records (which rows of which
+file, where to write); workers read their own rows.
+
+* local: `processes` == 1 runs the tasks inline; otherwise a spawn-context process pool, created
+  once and reused by every stage. spawn, not fork: the parent may hold torch/DALI/CUDA state or
+  threads that a fork would copy half-initialised.
+* ray: one Ray task per task, `num_cpus=1`; a task lost with its worker or node is retried by Ray
+  (`retries`); a task that runs past `task_timeout_s` is cancelled and resubmitted, and after
+  `retries` such attempts the build fails with the task's name (one stuck download cannot hang the
+  end of the build). Every task is idempotent (same inputs -> same bytes, atomic writes), so a retry or
+  a late duplicate is harmless.
+
+The local pool has the same deadline: a task past it stops the build with an error (a process pool
+cannot cancel one task), and the rerun resumes.
+
+Progress (optional): one tqdm bar per `map`, in input rows, with rows/s and images/s over the cluster.
+
+Memory (driver): O(in_flight tasks).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+
+class TaskFailed(RuntimeError):
+    """A task kept failing or kept running past its deadline (message names it)."""
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    kind: Literal["local", "ray"] = "local"
+    processes: int = 1  # local workers; for a Ray cluster started here, its CPUs
+    ray_address: str | None = None
+    retries: int = 3  # Ray: attempts after a lost worker/node or a deadline
+    task_timeout_s: float = 1800.0  # per task
+    progress: bool = False
+
+
+class Runner:
+    def __init__(self, cfg: RunnerConfig):
+        self.cfg = cfg
+        self._pool: ProcessPoolExecutor | None = None
+        self._ray_started = False
+        self._remotes: dict[Callable, Any] = {}
+
+    def __enter__(self) -> Self:
+        if self.cfg.kind == "ray":
+            import ray
+
+            if not ray.is_initialized():
+                if self.cfg.ray_address:
+                    ray.init(address=self.cfg.ray_address, include_dashboard=False, log_to_driver=False)
+                else:
+                    ray.init(num_cpus=self.cfg.processes, include_dashboard=False, log_to_driver=False)
+                self._ray_started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+
+    @property
+    def workers(self) -> int:
+        if self.cfg.kind == "ray":
+            import ray
+
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return max(1, self.cfg.processes)
+
+    def map(self, fn: Callable, tasks: Iterable, *, desc: str = "", total_rows: int | None = None
+            ) -> Iterator[tuple[Any, Any]]:
+        """(task, fn(task)) for every task, as they finish (module docstring)."""
+        bar = _Progress(desc, total_rows, enabled=self.cfg.progress)
+        try:
+            if self.cfg.kind == "ray":
+                gen = self._map_ray(fn, tasks)
+            elif self.workers <= 1:
+                gen = ((t, fn(t)) for t in tasks)
+            else:
+                gen = self._map_local(fn, tasks)
+            for task, result in gen:
+                bar.update(getattr(task, "rows", 0), result)
+                yield task, result
+        finally:
+            bar.close()
+
+    def _map_local(self, fn: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        limit = 2 * self.workers
+        it = iter(tasks)
+        running: dict = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(running) < limit:
+                try:
+                    t = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                running[self._pool.submit(fn, t)] = (t, time.monotonic())
+            if not running:
+                return
+            done, _ = wait(running, timeout=min(60.0, self.cfg.task_timeout_s), return_when=FIRST_COMPLETED)
+            for fut in done:
+                t, _ = running.pop(fut)
+                yield t, fut.result()
+            if not done:
+                self._check_deadlines_local(running)
+
+    def _check_deadlines_local(self, running: dict) -> None:
+        # a queued task's clock starts at submit, so only call it stuck once every worker is busy
+        # for longer than the deadline: the oldest running task is then over it
+        now = time.monotonic()
+        late = [t for t, started in running.values() if now - started > self.cfg.task_timeout_s + 60]
+        if len(late) >= min(len(running), self.workers):
+            for p in list(getattr(self._pool, "_processes", {}).values()):
+                p.kill()  # a process pool cannot cancel one running task
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            raise TaskFailed(f"{describe(late[0])} did not finish within {self.cfg.task_timeout_s:.0f} s; "
+                             "rerun the same command to resume (finished work is kept)")
+
+    def _remote(self, fn: Callable):
+        import ray
+
+        if fn not in self._remotes:
+            # retry_exceptions=False: a Python error in our code is a bug or a bad input, not flakiness
+            self._remotes[fn] = ray.remote(num_cpus=1, max_retries=self.cfg.retries)(fn)
+        return self._remotes[fn]
+
+    def _map_ray(self, fn: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
+        import ray
+
+        remote = self._remote(fn)
+        limit = 2 * self.workers
+        it = iter(tasks)
+        running: dict = {}  # ref -> (task, submitted at, attempt)
+        exhausted = False
+        while True:
+            while not exhausted and len(running) < limit:
+                try:
+                    t = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                running[remote.remote(t)] = (t, time.monotonic(), 0)
+            if not running:
+                return
+            done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+            for ref in done:
+                t, _, _ = running.pop(ref)
+                yield t, ray.get(ref)
+            now = time.monotonic()
+            for ref, (t, started, attempt) in list(running.items()):
+                if now - started <= self.cfg.task_timeout_s:
+                    continue
+                ray.cancel(ref, force=True)
+                del running[ref]
+                if attempt >= self.cfg.retries:
+                    raise TaskFailed(f"{describe(t)} ran past its deadline of {self.cfg.task_timeout_s:.0f} s "
+                                     f"{attempt + 1} times; rerun the same command to resume")
+                running[remote.remote(t)] = (t, time.monotonic(), attempt + 1)
+
+
+def describe(task: Any) -> str:
+    name = getattr(task, "name", None)
+    return name() if callable(name) else type(task).__name__
+
+
+class _Progress:
+    """tqdm bar in input rows; the postfix says rows/s and images/s (over every worker of the cluster)."""
+
+    def __init__(self, desc: str, total: int | None, *, enabled: bool):
+        self.bar = None
+        self.rows = self.images = 0
+        self.t0 = time.monotonic()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="rows", desc=desc, file=sys.stderr, dynamic_ncols=True,
+                            disable=bool(os.environ.get("MAWS_NO_PROGRESS")))
+
+    def update(self, rows: int, result: Any) -> None:
+        self.rows += rows
+        if isinstance(result, dict):
+            self.images += int(result.get("samples", 0) or 0)
+        if self.bar is not None:
+            self.bar.update(rows)
+            dt = max(time.monotonic() - self.t0, 1e-9)
+            self.bar.set_postfix(rows_per_s=f"{self.rows / dt:.0f}", images_per_s=f"{self.images / dt:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
