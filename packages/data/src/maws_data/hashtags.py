@@ -147,6 +147,14 @@ def mine_series(
     return pl.DataFrame(flat_map_distinct_many(chunks, fns))
 
 
+def distinct_tags(texts: pl.Series) -> set[str]:
+    """The set of hashtags over all captions: only the distinct chunks are parsed, no per-caption work."""
+    import polars as pl
+
+    chunks = texts.cast(pl.String).str.extract_all(CHUNK_PATTERN).explode().drop_nulls().unique()
+    return {t for c in chunks.to_list() for t in chunk_tags(c)}
+
+
 def _per_chunk(fn: Callable[[str], Sequence[str]], chunk: str) -> list[str]:
     return [x for tag in chunk_tags(chunk) for x in fn(tag)]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from maws_data import storage
-from maws_data.hashtags import flat_map_distinct, mine_series
+from maws_data.hashtags import mine_series
 from maws_data.images import ImageConfig
 from maws_data.manifest import read_bytes, write_bytes
 from maws_data.plan import Span
@@ -99,9 +99,9 @@ def run_shard(job: ShardJob) -> dict:
                                  pl.col("x_key").alias("new_key"))
     usable = pl.col("reason").is_null()
     captions = df.select(pl.when(usable).then(pl.col("caption"))).to_series()
-    hashtags = mine_series(captions)["hashtags"]
     kept, index, counts = _label_table(job)
-    wnids = flat_map_distinct(hashtags, lambda t: kept.get(t, ()), name="wnids")
+    mined = mine_series(captions, {"wnids": lambda t: kept.get(t, ())})
+    hashtags, wnids = mined["hashtags"], mined["wnids"]
     safe = safe_keys(df["key"].fill_null(""))
     keys = df.select(pl.coalesce(pl.col("new_key"), safe)).to_series()
     rows, skipped = [], []

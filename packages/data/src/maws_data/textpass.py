@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maws_data import storage
-from maws_data.hashtags import flat_map_distinct, mine_series
+from maws_data.hashtags import distinct_tags, mine_series
 from maws_data.manifest import read_bytes, write_bytes
 from maws_data.plan import Plan, Span
 from maws_data.sources import SourceConfig, SourceFile, read_rows
@@ -151,16 +151,15 @@ class UnitTask:
 
 
 def _usable_text(task: UnitTask) -> tuple[pl.DataFrame, pl.Series]:
-    """The unit's checked rows, and the hashtags of each (empty for unusable rows)."""
+    """The unit's checked rows, and the captions of the usable ones (null for the others)."""
     df = row_checks(read_rows(task.file, task.source, task.span.first, task.span.end,
                               byte_range=task.span.byte_range, text_only=True), task.span.row0)
-    captions = df.select(pl.when(pl.col("reason").is_null()).then(pl.col("caption"))).to_series()
-    return df, mine_series(captions)["hashtags"]
+    return df, df.select(pl.when(pl.col("reason").is_null()).then(pl.col("caption"))).to_series()
 
 
 def scan_unit(task: UnitTask) -> dict:
     """Round 1 (module docstring). Returns {"tags": distinct hashtags, "usable": rows}."""
-    df, tags = _usable_text(task)
+    df, captions = _usable_text(task)
     usable = df.filter(pl.col("reason").is_null()).select("row", "key")
     usable = usable.with_columns(safe_keys(usable["key"]).alias("safe"))
     usable = usable.with_columns(_bucket_of(usable["safe"], task.buckets).alias("bucket"))
@@ -173,8 +172,7 @@ def scan_unit(task: UnitTask) -> dict:
             part = usable.filter(pl.col("bucket") == b) if task.buckets > 1 else usable
             w.write_table(part.select("row", "key", "safe").to_arrow().cast(schema), row_group_size=1 << 30)
     write_bytes(_unit_url(task.work, task.unit), buf.getvalue())
-    distinct = tags.explode().drop_nulls().unique().to_list()
-    return {"tags": distinct, "usable": usable.height}
+    return {"tags": sorted(distinct_tags(captions)), "usable": usable.height}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,17 +240,17 @@ def _tags_of(work: str, fingerprint: str) -> dict[str, tuple[str, ...]]:
 
 def count_unit(task: UnitTask) -> dict:
     """Round 3 (module docstring). Returns {"tags": {tag: rows}, "synsets": {wnid: rows}}."""
-    df, tags = _usable_text(task)
+    df, captions = _usable_text(task)
     keep = df["reason"].is_null()
     if task.exceptions:
         ex = exceptions_for(task.work, task.buckets, task.span.row0, task.span.row0 + task.span.rows)
         dup_rows = ex.filter(pl.col("reason") == "duplicate_key")["row"]
         keep = keep & ~df["row"].is_in(dup_rows.implode())
-    tags = tags.filter(keep)
-    tag_counts = tags.explode().drop_nulls().value_counts()
     table = _tags_of(task.work, task.fingerprint)
-    wnids = flat_map_distinct(tags, lambda t: table.get(t, ()), name="wnids")
-    syn_counts = wnids.explode().drop_nulls().value_counts()
+    # one regex pass and one distinct-chunk table give both the tags and the synsets of every row
+    mined = mine_series(captions.filter(keep), {"wnids": lambda t: table.get(t, ())})
+    tag_counts = mined["hashtags"].explode().drop_nulls().value_counts()
+    syn_counts = mined["wnids"].explode().drop_nulls().value_counts()
     return {"tags": dict(zip(*(tag_counts[c].to_list() for c in tag_counts.columns))),
             "synsets": dict(zip(*(syn_counts[c].to_list() for c in syn_counts.columns)))}
 
