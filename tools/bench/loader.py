@@ -7,6 +7,9 @@ an ImageFolder tree (one folder per first label). Every contender uses the same 
 NCHW), the same batch size and the same number of workers:
 
   baseline    torchvision.datasets.ImageFolder + transforms (PIL) + torch DataLoader(num_workers=W)
+  wds-pipeline  the plain webdataset pipeline a user would write instead, on the same tars:
+              wds.WebDataset(urls, shardshuffle=100).shuffle(1000).decode("pil").map(transform).batched(B)
+              on DataLoader(num_workers=W) (eval: no shuffles)
   webdataset  maws_data.loader, Pillow-SIMD on DataLoader workers (W processes)
   dali-cpu    maws_data.loader, DALI pipeline on the CPU (W decode threads)
   dali-gpu    DALI "mixed" nvJPEG decoding (only with CUDA; not measurable on a CPU machine)
@@ -16,7 +19,8 @@ per-sample Python): `nvjpeg-decode` (fn.decoders.image "mixed" alone: the decode
 `nvjpeg-rrc` (decode + DALI's own random_resized_crop + normalise: the pipeline's GPU-side limit).
 
 Each contender runs --epochs passes over the data; the first batch of each pass (worker start-up,
-pipeline build) is excluded from the timing. Ratios are against the baseline of the same task.
+pipeline build) is excluded from the timing. Ratios are against the ImageFolder baseline of the same task
+(and, in brackets, against the wds pipeline).
 
     uv run python tools/bench/loader.py                      # 2 workers, batch 64, eval + mae
     uv run python tools/bench/loader.py --workers 4 --epochs 2 --tasks mae
@@ -51,26 +55,34 @@ def build_shards(out: Path, *, image_size: int, processes: int) -> Path:
     return build(cfg)
 
 
+def build_jpegs(build: Path):
+    """(key, first label, JPEG bytes) of every sample of the build, shard by shard (from the sidecars)."""
+    from maws_data.loader import open_index, read_sidecar
+
+    index = open_index(str(build))
+    for s, tar in enumerate(index.tars):
+        side = read_sidecar(index, s)
+        fd = os.open(tar, os.O_RDONLY)
+        for i in range(int(index.samples[s])):
+            labels = side.labels_of(i)
+            yield (side.key[i].decode(), int(labels[0]) if len(labels) else -1,
+                   os.pread(fd, int(side.jpg_size[i]), int(side.jpg_offset[i])))
+        os.close(fd)
+
+
 def extract_folder(build: Path, folder: Path) -> int:
     """The build's JPEG bytes, unchanged, as folder/<first label>/<key>.jpg for ImageFolder."""
-    from maws_data.loader import load_table
-
-    table = load_table(str(build))
+    n = 0
     if not folder.exists():
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        fds = {}
-        for gid, key in enumerate(table.keys):
-            s = int(table.shard[gid])
-            fds.setdefault(s, os.open(table.tar_paths[s], os.O_RDONLY))
-            data = os.pread(fds[s], int(table.jpg_size[gid]), int(table.jpg_off[gid]))
-            d = tmp / f"c{table.first_label(gid) + 1:04d}"
+        for key, label, data in build_jpegs(build):
+            d = tmp / f"c{label + 1:04d}"
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{key}.jpg").write_bytes(data)
-        for fd in fds.values():
-            os.close(fd)
         os.replace(tmp, folder)
-    return len(table)
+    n = sum(1 for _ in folder.rglob("*.jpg"))
+    return n
 
 
 def time_batches(batches, epochs: int, read: bool = False) -> tuple[int, float]:
@@ -101,6 +113,28 @@ def run_baseline(folder: Path, task: str, args) -> tuple[int, float]:
     return time_batches(dl, args.epochs, args.consume == "read")
 
 
+def run_webdataset_pipeline(build: Path, task: str, args) -> tuple[int, float]:
+    """What a user would write instead: the plain webdataset pipeline over the same tars, same workers,
+    `wds.WebDataset(urls, shardshuffle=...).shuffle(1000).decode("pil").map(transform).batched(B)`
+    (eval: no shard or sample shuffle)."""
+    import webdataset as wds
+    from maws_data.loader import open_index
+    from maws_data.transforms import torchvision_transform
+
+    urls = open_index(str(build)).tars
+    transform = torchvision_transform(task, args.size)
+    shuffle = task != "eval"
+
+    def sample(s):
+        return transform(s["jpg"]), (json.loads(s["json"]) if isinstance(s["json"], bytes) else s["json"])["labels"][:1]
+
+    ds = (wds.WebDataset(urls, shardshuffle=100 if shuffle else False, empty_check=False)
+          .shuffle(1000 if shuffle else 0).decode("pil").map(sample)
+          .map(lambda s: (s[0], s[1][0] if s[1] else -1)).batched(args.batch_size, partial=False))
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
+    return time_batches(dl, args.epochs, args.consume == "read")
+
+
 def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "cpu") -> tuple[int, float]:
     from maws_data.loader import LoaderConfig, build_loader
 
@@ -128,12 +162,9 @@ def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "
 def run_decoder_limits(build: Path, args) -> dict[str, float]:
     """Images/s of DALI "mixed" decoding alone and of decode + crop/resize/normalise, fed from memory."""
     import numpy as np
-    from maws_data.loader import SampleReader, load_table
     from nvidia.dali import fn, pipeline_def, types
 
-    table = load_table(str(build))
-    reader = SampleReader(table)
-    jpegs = [np.frombuffer(reader.jpeg(g), np.uint8) for g in range(len(table))]
+    jpegs = [np.frombuffer(data, np.uint8) for _, _, data in build_jpegs(build)]
     bs = args.batch_size
     batches = [jpegs[i:i + bs] for i in range(0, len(jpegs) - bs + 1, bs)]
     rates = {}
@@ -188,7 +219,7 @@ def main() -> None:
     n = extract_folder(build, folder)
     print(f"{n} images, stored shorter side {args.image_size}, output {args.size}, batch {args.batch_size}, "
           f"{args.workers} workers, {args.epochs} epoch(s), consumer {args.consume}, {os.cpu_count()} CPUs, "
-          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}", flush=True)
+          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, load average {os.getloadavg()}", flush=True)
     results = []
     for task in args.tasks:
         imgs, secs = run_baseline(folder, task, args)
@@ -196,6 +227,11 @@ def main() -> None:
         results.append({"task": task, "loader": "imagefolder-baseline", "images": imgs, "seconds": secs,
                         "images_per_s": base, "ratio": 1.0})
         print(f"{task:5s} {'imagefolder-baseline':22s} {base:9.1f} img/s   1.00x", flush=True)
+        imgs, secs = run_webdataset_pipeline(build, task, args)
+        wds_rate = imgs / secs
+        results.append({"task": task, "loader": "wds-pipeline-baseline", "images": imgs, "seconds": secs,
+                        "images_per_s": wds_rate, "ratio": wds_rate / base})
+        print(f"{task:5s} {'wds-pipeline-baseline':22s} {wds_rate:9.1f} img/s {wds_rate / base:6.2f}x", flush=True)
         for backend in args.backends:
             if backend == "dali-gpu" and not torch.cuda.is_available():
                 print(f"{task:5s} {backend:22s}  not measured: no CUDA on this machine", flush=True)
@@ -204,12 +240,14 @@ def main() -> None:
             imgs, secs = run_ours(build, task, name, args, dali_device=dev)
             rate = imgs / secs
             results.append({"task": task, "loader": backend, "images": imgs, "seconds": secs,
-                            "images_per_s": rate, "ratio": rate / base})
-            print(f"{task:5s} {backend:22s} {rate:9.1f} img/s {rate / base:6.2f}x", flush=True)
+                            "images_per_s": rate, "ratio": rate / base, "ratio_wds": rate / wds_rate})
+            print(f"{task:5s} {backend:22s} {rate:9.1f} img/s {rate / base:6.2f}x  ({rate / wds_rate:.2f}x the wds "
+                  f"pipeline)", flush=True)
     if torch.cuda.is_available() and "dali-gpu" in args.backends:
         for name, rate in run_decoder_limits(build, args).items():
             results.append({"task": "ceiling", "loader": name, "images_per_s": rate})
             print(f"ceil  {name:22s} {rate:9.1f} img/s  (JPEGs in memory, no host reads)", flush=True)
+    print(f"load average after: {os.getloadavg()}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "results": results}, indent=2) + "\n")

@@ -21,6 +21,7 @@ Memory: O(#shards) (a few numpy arrays and the shard names), O(#classes) for the
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import io
@@ -118,28 +119,28 @@ def _vocabulary_counts(build: str | None) -> tuple[np.ndarray, bytes]:
         text = _read_bytes(url)
     except FileNotFoundError:
         return np.zeros(0, np.int64), b""
-    import polars as pl
+    # (csv, not polars: importing polars alone took 0.6 s of a 1.4 s startup)
+    rows = list(csv.DictReader(io.StringIO(text.decode("utf-8")), delimiter="\t"))
+    if [int(r["index"]) for r in rows] != list(range(len(rows))):
+        raise ValueError(f"{url}: column 'index' must be 0..{len(rows) - 1} in order")
+    return np.array([int(r["count"]) for r in rows], np.int64), text
 
-    df = pl.read_csv(io.BytesIO(text), separator="\t", columns=["index", "count"])
-    if df["index"].to_list() != list(range(df.height)):
-        raise ValueError(f"{url}: column 'index' must be 0..{df.height - 1} in order")
-    return df["count"].to_numpy().astype(np.int64), text
 
-
-def _from_manifest(build: str) -> tuple[list[str], list[dict]]:
+def _from_manifest(build: str) -> tuple[list[str], list[dict], bytes]:
+    """(tars, the manifest's shard entries, the manifest's bytes)."""
     url = storage.join(build, "manifest.json")
     try:
-        manifest = json.loads(_read_bytes(url))
+        raw = _read_bytes(url)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} is missing: the build in {build} is incomplete "
                                 "(the builder writes manifest.json last)") from None
-    entries = manifest["shards"]
+    entries = json.loads(raw)["shards"]
     if entries and "sqrt_weight" not in entries[0]:
         raise ValueError(f"{url}: " + UPGRADE_HINT.format(build=build))
     # names are relative to the build dir ("shards/shard-000000.tar"); bare names live in shards/
-    tars = [storage.join(build, *e["name"].split("/")) if "/" in e["name"] else storage.join(build, "shards", e["name"])
-            for e in entries]
-    return tars, entries
+    root = storage.join(build, "")  # one join, then string concatenation: 20,000 joins cost 0.13 s
+    tars = [root + (e["name"] if "/" in e["name"] else "shards/" + e["name"]) for e in entries]
+    return tars, entries, raw
 
 
 def _from_stats(tars: list[str], build: str | None) -> list[dict]:
@@ -158,14 +159,15 @@ def _from_stats(tars: list[str], build: str | None) -> list[dict]:
     return entries
 
 
-def resolve(spec: str | Sequence[str]) -> tuple[list[str], str | None, list[dict] | None]:
-    """(tars in order, the build folder holding vocabulary.tsv or None, manifest entries or None)."""
+def resolve(spec: str | Sequence[str]) -> tuple[list[str], str | None, list[dict] | None, bytes]:
+    """(tars in order, the build folder holding vocabulary.tsv or None, manifest entries or None, the
+    manifest's bytes or b"")."""
     if not isinstance(spec, str):
         tars = [str(s) for s in spec]
     elif _exists(storage.join(spec, "manifest.json")) or (not storage.is_remote(spec) and os.path.isdir(
             os.path.join(spec, "shards"))):  # a local build dir without its manifest: unfinished, said so
-        tars, entries = _from_manifest(spec)
-        return tars, spec, entries
+        tars, entries, raw = _from_manifest(spec)
+        return tars, spec, entries, raw
     elif storage.is_remote(spec):
         raise FileNotFoundError(f"{spec}: no manifest.json (a remote build is read from its manifest)")
     elif os.path.isdir(spec):
@@ -178,7 +180,7 @@ def resolve(spec: str | Sequence[str]) -> tuple[list[str], str | None, list[dict
     candidates = [storage.join(parent, ".."), parent] if storage.is_remote(tars[0]) else \
         [os.path.dirname(parent), parent]
     build = next((d for d in candidates if _exists(storage.join(d, "vocabulary.tsv"))), None)
-    return tars, build, None
+    return tars, build, None, b""
 
 
 def _truncated(index_tar: str, name: str, recorded: int, entry_samples: int, class_counts: np.ndarray,
@@ -199,19 +201,21 @@ def _truncated(index_tar: str, name: str, recorded: int, entry_samples: int, cla
 
 def open_index(spec: str | Sequence[str]) -> ShardIndex:
     """Index the shards named by `spec` (a build folder or URL, a shards/ folder, a glob, a list of tars)."""
-    tars, build, entries = resolve(spec)
+    tars, build, entries, manifest_bytes = resolve(spec)
     class_counts, vocab_bytes = _vocabulary_counts(build)
     if entries is None:
         entries = _from_stats(tars, build)
     remote = storage.is_remote(tars[0])
-    names = [posixpath.basename(t) if remote else os.path.basename(t) for t in tars]
+    names = [t.rsplit("/", 1)[-1] for t in tars]
     samples = np.array([e["samples"] for e in entries], np.int64)
     labeled = np.array([e["labeled"] for e in entries], np.int64)
     weight = np.array([e.get("sqrt_weight", 0.0) for e in entries], np.float64)
     first = np.concatenate([[0], np.cumsum(samples)[:-1]]).astype(np.int64)
+    # A rebuild with other images or another vocabulary keeps the shard names and often the counts; the
+    # manifest (shard bytes and sha256) or the stats, and the vocabulary text, tell it apart.
     digest = hashlib.sha256(vocab_bytes)
-    digest.update(json.dumps([[n, e["samples"], e.get("bytes"), e.get("sha256")] for n, e in zip(names, entries)],
-                             separators=(",", ":")).encode())
+    digest.update(manifest_bytes or json.dumps([[n, e["samples"], e.get("bytes"), e.get("sha256")]
+                                                for n, e in zip(names, entries)], separators=(",", ":")).encode())
     index = ShardIndex(tars=tars, names=names, samples=samples, labeled=labeled, sqrt_weight=weight, first=first,
                        class_counts=class_counts, fingerprint=digest.hexdigest()[:16], remote=remote, build=build)
     if not remote:
