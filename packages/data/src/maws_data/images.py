@@ -11,7 +11,7 @@ and for many rows at once, on a thread pool (results in input order, SkipSample 
 Every failure is a `SkipSample` with a short stable `.reason` (counted in the build manifest) and a
 human `.detail`. Reasons:
   null_image       the image reference is null/empty
-  missing_path     local file does not exist (or is not a file)
+  missing_path     local file (or s3:// object) does not exist (or is not a file)
   download_failed  HTTP error status, connection error or timeout (after the retries), redirect loop
   too_large        body over `max_download_bytes`, or more than `max_pixels` pixels (decompression bomb)
   empty            zero bytes
@@ -101,6 +101,9 @@ def load_image_bytes(ref: str | bytes | None, *, base_dir: str, cfg: ImageConfig
         data = bytes(ref)
     elif ref.startswith(("http://", "https://")):
         data = download(ref, cfg)
+    elif ref.startswith("s3://") or (base_dir.startswith(("s3://", "http://", "https://"))
+                                     and not ref.startswith(("/", "file://"))):
+        data = _read_remote(ref if ref.startswith("s3://") else base_dir.rstrip("/") + "/" + ref, cfg)
     else:
         data = _read_local(ref, base_dir, cfg)
     if not data:
@@ -130,6 +133,24 @@ def _read_local(ref: str, base_dir: str, cfg: ImageConfig) -> bytes:
         raise SkipSample("missing_path", f"{path}: no such file") from None
     except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (an embedded NUL byte)
         raise SkipSample("missing_path", f"{path!r}: cannot read ({e})") from None
+
+
+def _read_remote(url: str, cfg: ImageConfig) -> bytes:
+    """An image next to a remote source file (a relative path under s3:// or http(s)://) or an s3:// URL."""
+    if url.startswith(("http://", "https://")):
+        return download(url, cfg)
+    from maws_data import storage
+
+    fs, path = storage.filesystem(url)
+    try:
+        size = fs.info(path)["size"]
+        if size > cfg.max_download_bytes:
+            raise SkipSample("too_large", f"{url}: {size} bytes > cap {cfg.max_download_bytes}")
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise SkipSample("missing_path", f"{url}: no such object") from None
+    except OSError as e:
+        raise SkipSample("download_failed", f"{url}: {type(e).__name__}: {e}") from None
 
 
 class _RetryableError(Exception):
