@@ -194,5 +194,36 @@ def _print_samples(console, tar_path: Path, n: int) -> None:
     console.print(table)
 
 
+@app.command()
+def decontaminate(
+    build_dir: Annotated[Path, typer.Argument(help="The --out folder of a finished `maws-data build`.")],
+    against: Annotated[list[Path], typer.Option(help="An eval set: ImageFolder tree or flat folder of images "
+                                                     "(repeatable).")],
+    threshold: Annotated[int, typer.Option(help="Hamming distance (of 64 bits) at or under which a sample is a "
+                                                "copy of an eval image (docs/dedup.md).")] = 6,
+    out: Annotated[Path | None, typer.Option(help="Write the full report (every match) as JSON here.")] = None,
+    threads: Annotated[int, typer.Option(help="Decode/hash threads.")] = 8,
+) -> None:
+    """Report the samples of an existing build that are near-copies of eval images (counts + list)."""
+    from maws_data.dedup.decontam import DecontamError, write_report
+    from maws_data.dedup.decontam import decontaminate as run_decontaminate
+
+    try:
+        report = run_decontaminate(build_dir, against, threshold=threshold, threads=threads)
+        if out is not None:
+            write_report(report, out)
+    except (DecontamError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{build_dir}: {report['contaminated']} of {report['samples']} samples within {threshold} bits of "
+               f"{report['eval_images']} eval images " + json.dumps(report["by_eval_set"], sort_keys=True))
+    for m in report["matches"][:20]:
+        typer.echo(f"  {m['key']}  ({m['shard']})  ~ {m['eval_file']}  distance {m['distance']}")
+    if len(report["matches"]) > 20:
+        typer.echo(f"  ... {len(report['matches']) - 20} more" + (f" in {out}" if out else " (--out for all)"))
+    for f in report["eval_unreadable"]:
+        typer.echo(f"warning: eval image not readable, skipped: {f}", err=True)
+
+
 if __name__ == "__main__":
     app()

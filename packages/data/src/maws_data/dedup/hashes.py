@@ -116,10 +116,11 @@ def dhash(image: Image.Image | np.ndarray) -> int:
     return pack_bits(x[:, 1:] > x[:, :-1])
 
 
-def open_image(data: bytes, *, min_side: int = 2 * DCT_SIZE) -> Image.Image:
-    """Decode image bytes for hashing: EXIF orientation applied (as the builder does), and JPEGs
-    decoded by libjpeg at a reduced scale (draft) that still leaves >= min_side pixels a side --
-    the hash only looks at a 32x32 box-average, so full resolution is wasted work."""
+def open_image(data: bytes, *, min_side: int = 256) -> Image.Image:
+    """Decode image bytes for hashing: EXIF orientation applied (as the builder does), and large JPEGs
+    decoded by libjpeg at a reduced scale (draft) that still leaves >= min_side pixels a side.
+    256 keeps the hash within 2 bits of the builder's (measured on 400 Instagram photos: draft to
+    >= 64 px moves it by up to 10 bits, >= 128 px by up to 2)."""
     im = Image.open(io.BytesIO(data))
     if im.format in ("JPEG", "MPO"):
         im.draft("RGB", (min_side, min_side))
