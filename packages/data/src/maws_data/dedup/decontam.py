@@ -138,6 +138,8 @@ def decontaminate(build: str | Path, against: Sequence[str | Path], *, threshold
     {"build", "against", "threshold", "eval_images", "eval_unreadable", "samples", "contaminated",
      "by_eval_set": {folder: n}, "matches": [{"key", "shard", "eval_file", "distance"}]} (shard order).
     """
+    if not 0 <= threshold < 64:
+        raise DecontamError(f"--threshold {threshold}: a Hamming distance between 64-bit hashes, 0 to 63")
     try:
         manifest = read_manifest(build)
     except (FileNotFoundError, ValueError) as e:
