@@ -3,8 +3,9 @@
 ImageFolder layout (Imagenette, ImageNet):  ROOT/train/<class>/<image>, ROOT/val/<class>/<image>.
 Classes are the sorted folder names of train/ that hold at least one image (empty class folders are
 left out, with a note); val must have images for exactly those classes (a mismatch is an error that
-names the folders). Files are sorted, so the same tree always yields the same (path, label) list. `max_*_per_class` takes a seeded per-class
-subsample (tiny presets); the fingerprint of the chosen list keys the feature cache.
+names the folders). Files are sorted, so the same tree always yields the same (path, label) list.
+`max_*_per_class` takes a seeded per-class subsample (tiny presets); the fingerprint of the chosen
+list keys the feature cache.
 
 Shards (a `maws-data build` output dir with manifest.json): labeled samples only (first label,
 the `.cls` member), classes = vocabulary.tsv's wnids; val is a second build (`val_path`) or a

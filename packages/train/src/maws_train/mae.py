@@ -9,7 +9,8 @@ metrics.jsonl, ckpt/step_NNNNNN/ (resumable state), encoder.safetensors + encode
 
 Determinism: all randomness is a function of (seed, step, rank) and the loader's (seed, epoch, sample):
 the masking noise is drawn for the whole global batch from a generator seeded with (seed, step), and
-each rank takes the rows the loader dealt it (rank r holds global rows r, r+W, ...), so a resumed run
+each rank takes the rows the loader dealt it (the loader deals each step's global batch in contiguous chunks:
+rank r holds global rows r*N .. (r+1)*N - 1, maws_data.loader.plan), so a resumed run
 and a run on a different number of processes see the same masks for the same images.
 """
 
@@ -32,10 +33,12 @@ from maws_train.resume import endless, find_resume_point, step_seed
 
 
 def mask_noise(*, seed: int, step: int, global_batch: int, num_patches: int, d: distributed.Dist) -> torch.Tensor:
-    """This rank's (N, L) masking noise: rows rank::world of one (seed, step)-seeded global draw."""
+    """This rank's (N, L) masking noise: its chunk of rows (r*N .. (r+1)*N - 1, the rows the loader deals it)
+    of one (seed, step)-seeded global draw."""
     g = torch.Generator(device="cpu").manual_seed(step_seed(seed, step))
     noise = torch.rand(global_batch, num_patches, generator=g)
-    return noise[d.rank :: d.world_size].to(d.device, non_blocking=True)
+    local = global_batch // d.world_size
+    return noise[d.rank * local : (d.rank + 1) * local].to(d.device, non_blocking=True)
 
 
 def run(cfg: MAEConfig) -> Path:
