@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -110,3 +111,106 @@ def image_server():
         pytest.skip(f"real data not found at {INSTAGRAM}")
     with ImageServer(INSTAGRAM) as s:
         yield s
+
+
+# --- A real 2-node Ray cluster on this machine (head + one worker node, 1 CPU each) ---
+
+
+class RayCluster:
+    """`ray start --head` plus `ray start --address` (RAY_AUTH_MODE=token), in a temp dir of its own.
+
+    Only processes this cluster started are stopped, by pid: those whose command line names its temp
+    dir or port, and their descendants (never `ray stop`, which would stop other users' clusters)."""
+
+    def __init__(self, tmp: Path):
+        import socket
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.tmp = tmp
+        self.ray = str(Path(sys.executable).parent / "ray")
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        self.address = ""
+
+    def start(self) -> None:
+        import subprocess
+
+        head = subprocess.run([self.ray, "start", "--head", "--num-cpus", "1", "--port", str(self.port),
+                               "--include-dashboard=false", "--temp-dir", str(self.tmp), "--disable-usage-stats"],
+                              env=self.env, capture_output=True, text=True, timeout=180)
+        if head.returncode:
+            raise RuntimeError(f"ray start --head failed: {head.stdout[-2000:]} {head.stderr[-2000:]}")
+        import re
+
+        found = re.search(r"--address='([^']+)'", head.stdout + head.stderr)
+        self.address = found.group(1) if found else f"127.0.0.1:{self.port}"
+        worker = subprocess.run([self.ray, "start", "--address", self.address, "--num-cpus", "1",
+                                 "--disable-usage-stats"], env=self.env, capture_output=True, text=True, timeout=180)
+        if worker.returncode:
+            self.stop()
+            raise RuntimeError(f"ray start --address failed: {worker.stdout[-2000:]} {worker.stderr[-2000:]}")
+
+    def processes(self) -> list:
+        import psutil
+
+        def ours(p) -> bool:
+            cmd = " ".join(p.info["cmdline"] or [])
+            return str(self.tmp) in cmd or f":{self.port}" in cmd
+
+        roots = [p for p in psutil.process_iter(["pid", "cmdline"]) if ours(p)]
+        found = {p.pid: p for p in roots}
+        for p in roots:
+            try:
+                found.update((c.pid, c) for c in p.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        return list(found.values())
+
+    def worker_raylet(self):
+        """The worker node's raylet (its socket is `raylet.1`; the head's is `raylet`)."""
+        for p in self.processes():
+            cmd = " ".join(p.info.get("cmdline") or []) if hasattr(p, "info") else ""
+            if "raylet/raylet" in cmd and "sockets/raylet.1" in cmd:
+                return p
+        raise RuntimeError("no worker-node raylet found")
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=20)
+
+
+@pytest.fixture
+def ray_cluster():
+    """A fresh 2-node Ray cluster (skips, with the reason, when it cannot start)."""
+    import shutil
+    import tempfile
+
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    tmp = Path(tempfile.mkdtemp(prefix="mray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    cluster = RayCluster(tmp)
+    try:
+        cluster.start()
+    except (RuntimeError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"cannot start a local Ray cluster: {e}")
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)

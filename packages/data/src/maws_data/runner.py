@@ -122,7 +122,7 @@ class Runner:
                 running[self._pool.submit(fn, t)] = (t, time.monotonic())
             if not running:
                 return
-            done, _ = wait(running, timeout=min(60.0, self.cfg.task_timeout_s), return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=min(10.0, self.cfg.task_timeout_s), return_when=FIRST_COMPLETED)
             for fut in done:
                 t, _ = running.pop(fut)
                 yield t, fut.result()
@@ -130,11 +130,11 @@ class Runner:
                 self._check_deadlines_local(running)
 
     def _check_deadlines_local(self, running: dict) -> None:
-        # a queued task's clock starts at submit, so only call it stuck once every worker is busy
-        # for longer than the deadline: the oldest running task is then over it
+        # A task's clock starts when it is submitted, and with at most 2 per worker in flight it waits
+        # in the queue for at most one task ahead of it: past twice the deadline, it is stuck.
         now = time.monotonic()
-        late = [t for t, started in running.values() if now - started > self.cfg.task_timeout_s + 60]
-        if len(late) >= min(len(running), self.workers):
+        late = [t for t, started in running.values() if now - started > 2 * self.cfg.task_timeout_s]
+        if late:
             for p in list(getattr(self._pool, "_processes", {}).values()):
                 p.kill()  # a process pool cannot cancel one running task
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -168,7 +168,7 @@ class Runner:
                 running[remote.remote(t)] = (t, time.monotonic(), 0)
             if not running:
                 return
-            done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=min(5.0, self.cfg.task_timeout_s))
             for ref in done:
                 t, _, _ = running.pop(ref)
                 yield t, ray.get(ref)

@@ -1,0 +1,57 @@
+"""maws_data.runner: lazy, bounded submission; per-task deadlines (local pool and Ray); results as they finish."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from maws_data.runner import Runner, RunnerConfig, TaskFailed
+
+
+def nap(seconds: float) -> dict:
+    time.sleep(seconds)
+    return {"samples": 1}
+
+
+def test_local_runner_pulls_tasks_lazily():
+    pulled = []
+
+    def tasks():
+        for i in range(12):
+            pulled.append(i)
+            yield 0.05
+
+    seen = 0
+    with Runner(RunnerConfig(kind="local", processes=2)) as runner:
+        for _, result in runner.map(nap, tasks()):
+            seen += 1
+            assert result == {"samples": 1}
+            assert len(pulled) - seen <= 2 * 2  # never more than 2 per worker in flight
+    assert seen == 12
+
+
+def test_local_deadline_stops_the_build_with_the_task_named():
+    with Runner(RunnerConfig(kind="local", processes=2, task_timeout_s=0.5)) as runner:
+        t0 = time.monotonic()
+        with pytest.raises(TaskFailed, match="did not finish within"):
+            list(runner.map(nap, [0.01, 60.0, 0.01]))
+        assert time.monotonic() - t0 < 30
+
+
+def test_ray_deadline_cancels_and_retries_then_fails():
+    ray = pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with Runner(RunnerConfig(kind="ray", task_timeout_s=120.0)) as runner:  # warm: a cold worker starts slowly
+            assert [r for _, r in runner.map(nap, [0.01, 0.01])] == [{"samples": 1}] * 2
+        with Runner(RunnerConfig(kind="ray", retries=1, task_timeout_s=2.0)) as runner:
+            t0 = time.monotonic()
+            with pytest.raises(TaskFailed, match="deadline of 2 s 2 times"):
+                list(runner.map(nap, [60.0]))
+            assert time.monotonic() - t0 < 30
+    finally:
+        ray.shutdown()
