@@ -139,7 +139,7 @@ class RayCluster:
 
         head = subprocess.run([self.ray, "start", "--head", "--num-cpus", "1", "--port", str(self.port),
                                "--include-dashboard=false", "--temp-dir", str(self.tmp), "--disable-usage-stats"],
-                              env=self.env, capture_output=True, text=True, timeout=180)
+                              check=False, env=self.env, capture_output=True, text=True, timeout=180)
         if head.returncode:
             raise RuntimeError(f"ray start --head failed: {head.stdout[-2000:]} {head.stderr[-2000:]}")
         import re
@@ -147,7 +147,7 @@ class RayCluster:
         found = re.search(r"--address='([^']+)'", head.stdout + head.stderr)
         self.address = found.group(1) if found else f"127.0.0.1:{self.port}"
         worker = subprocess.run([self.ray, "start", "--address", self.address, "--num-cpus", "1",
-                                 "--disable-usage-stats"], env=self.env, capture_output=True, text=True, timeout=180)
+                                 "--disable-usage-stats"], check=False, env=self.env, capture_output=True, text=True, timeout=180)
         if worker.returncode:
             self.stop()
             raise RuntimeError(f"ray start --address failed: {worker.stdout[-2000:]} {worker.stderr[-2000:]}")

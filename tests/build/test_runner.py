@@ -41,9 +41,9 @@ def test_local_deadline_stops_the_build_with_the_task_named():
 
 def test_ray_deadline_cancels_and_retries_then_fails():
     ray = pytest.importorskip("ray")
-    import ray.cloudpickle
+    from ray import cloudpickle
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with Runner(RunnerConfig(kind="ray", task_timeout_s=120.0)) as runner:  # warm: a cold worker starts slowly
