@@ -1,0 +1,78 @@
+"""The parallel text pass on all 2,261 real Instagram captions (images left out: only the text matters
+here): 1 and 2 processes, many units, give the vocabulary and hashtag map of the single-frame reference
+(every row in one polars frame, as the builder did before it streamed); the mapping cache maps each tag once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from maws_data.build import BuildConfig, build
+from maws_data.hashtags import extract_hashtags_batch
+from maws_data.textpass import map_tags
+from maws_data.vocab import build_vocabulary, hashtag_map_frame, row_synsets, tag_frame
+from maws_data.wordnet import HashtagMapper, MappingConfig, synset_name
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+CAPTIONS = SHARED_DATA / "instagram" / "captions.parquet"
+
+
+@pytest.fixture(scope="module")
+def text_source(tmp_path_factory) -> Path:
+    """The real captions over 3 files, with a repeated key and null captions sprinkled in."""
+    if not CAPTIONS.is_file():
+        pytest.skip(f"real data not found at {CAPTIONS}")
+    df = pl.read_parquet(CAPTIONS).select("key", "caption").with_columns(pl.lit("nowhere/x.jpg").alias("image"))
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) % 97 == 5).then(None).otherwise(pl.col("caption")).alias("caption"),
+                         pl.when(pl.int_range(pl.len()) == 1500).then(pl.lit(df["key"][3])).otherwise(pl.col("key")).alias("key"))
+    folder = tmp_path_factory.mktemp("text_source")
+    for i, (a, b) in enumerate([(0, 700), (700, 1600), (1600, df.height)]):
+        df.slice(a, b - a).write_parquet(folder / f"part-{i}.parquet")
+    return folder
+
+
+def reference(folder: Path, min_count: int) -> tuple[str, str]:
+    """vocabulary.tsv and hashtag_map.tsv computed the old way: every row in one frame, one process."""
+    df = pl.concat([pl.read_parquet(p) for p in sorted(folder.glob("*.parquet"))]).with_row_index("row")
+    usable = df.filter(pl.col("key").is_first_distinct())  # row 1500 repeats row 3's key
+    tags = extract_hashtags_batch(usable["caption"].to_list())
+    row_tags = pl.DataFrame({"row": usable["row"], "hashtags": tags}, schema={"row": pl.UInt32,
+                                                                                "hashtags": pl.List(pl.String)})
+    mapper = HashtagMapper(MappingConfig())
+    distinct = sorted({t for ts in tags for t in ts})
+    explained = {t: mapper.explain(t) for t in distinct}
+    frame = tag_frame({t: e[0] for t, e in explained.items()}, {t: e[1] for t, e in explained.items()})
+    vocab = build_vocabulary(row_tags, row_synsets(row_tags, frame), frame, min_count=min_count, max_classes=None,
+                             synset_name=synset_name)
+    return vocab.to_frame().write_csv(separator="\t"), hashtag_map_frame(row_tags, frame).write_csv(separator="\t")
+
+
+def test_one_and_two_processes_equal_the_single_frame_reference(text_source, tmp_path):
+    want_vocab, want_map = reference(text_source, min_count=3)
+    assert want_vocab.count("\n") > 100
+    common = {"source": str(text_source), "image_size": 64, "shard_size": 50, "min_count": 3, "decoder": "pil",
+              "progress": False, "text_unit_rows": 200}  # 12+ text units over 3 files
+    one = build(BuildConfig(out=str(tmp_path / "one"), processes=1, mapping_cache="", **common))
+    two = build(BuildConfig(out=str(tmp_path / "two"), processes=2, mapping_cache=str(tmp_path / "cache"), **common))
+    for out in (one, two):
+        assert (out / "vocabulary.tsv").read_text() == want_vocab
+        assert (out / "hashtag_map.tsv").read_text() == want_map
+    m = __import__("json").loads((one / "manifest.json").read_text())
+    assert m["counts"]["skipped"] == {"duplicate_key": 1, "missing_path": 2260}
+    assert m["counts"]["written"] == 0 and m["counts"]["rows"] == 2261
+
+
+def test_mapping_cache_maps_each_tag_once(tmp_path):
+    tags = {"dog", "dogs", "sunsetbeach", "instagood", "petstagram", "zzqqxx"}
+    cfg = MappingConfig()
+    first, mapped = map_tags(tags, cfg, str(tmp_path))
+    assert mapped == len(tags)
+    again, mapped = map_tags(tags | {"cat"}, cfg, str(tmp_path))
+    assert mapped == 1  # only the new tag
+    assert {t: again[t] for t in tags} == first
+    assert first["dog"] == (("n02084071",), "lemma") and first["instagood"] == ((), "stopword")
+    # another mapping configuration has a cache of its own
+    _, mapped = map_tags(tags, MappingConfig(ambiguity="skip"), str(tmp_path))
+    assert mapped == len(tags)
+    assert map_tags(tags, cfg, "")[1] == len(tags)  # "" turns the cache off
