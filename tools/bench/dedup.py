@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,12 +110,36 @@ def measure_cost(datas: list[bytes], image_size: int, repeat: int) -> dict[str, 
     return {k: float(np.median(v)) for k, v in res.items()}
 
 
+def measure_lookup(rows: int, thresholds: tuple[int, ...]) -> dict[str, float]:
+    """Seconds per row of the dedup passes (maws_data.dedup.table.dedup) over `rows` synthetic hashes
+    (dedup_scale.py's generator), each near pass with the block plan of a 10^9-row build."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dedup_scale import random_phash
+    from maws_data.dedup.mih import plan_blocks
+    from maws_data.dedup.table import dedup, write_unit
+
+    rng = np.random.default_rng(0)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="dedup_lookup_") as tmp:
+        for start in range(0, rows, 100_000):
+            r = np.arange(start, min(rows, start + 100_000))
+            write_unit(tmp, f"u{start:010d}", rows=r, keys=np.char.add(b"r", r.astype("S12")),
+                       sha256=rng.integers(0, 2**63, (len(r), 2), dtype=np.uint64), phash=random_phash(rng, len(r)))
+        for name, kw in [("exact", {"mode": "exact"})] + [
+                (f"near k={k}", {"mode": "near", "threshold": k, "blocks": plan_blocks(k, 10**9)}) for k in thresholds]:
+            t = time.perf_counter()
+            dedup(tmp, partition_records=1 << 20, spill_records=1 << 20, **kw)
+            out[name] = (time.perf_counter() - t) / rows
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--sources", type=int, default=500, help="sources per dataset for the variants (0 = all)")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5, help="passes of the cost measurement")
+    ap.add_argument("--lookup-rows", type=int, default=200_000, help="rows for the dedup-pass cost (0 = skip)")
     ap.add_argument("--threshold", type=int, default=None, help="list the false positives at this threshold")
     ap.add_argument("--sheet", type=Path, default=None, help="write a PNG contact sheet of those pairs")
     args = ap.parse_args()
@@ -134,6 +160,12 @@ def main() -> None:
     for h in ("phash", "dhash"):
         print(f"  sha256 + {h}: {100 * (cost['sha256'] + cost[h]) / base:.1f} % of the image pass")
     print(f"  load after cost: {os.getloadavg()}")
+    if args.lookup_rows:
+        hashing = cost["sha256"] + cost["phash"]
+        for name, v in measure_lookup(args.lookup_rows, (2, 4)).items():
+            print(f"  dedup pass {name:9s} {v * 1e6:6.1f} us/row   sha256 + phash + this pass: "
+                  f"{100 * (hashing + v) / base:5.1f} % of the image pass")
+        print(f"  load after the dedup passes: {os.getloadavg()}")
 
     # --- hashes of the whole sample
     t = time.perf_counter()

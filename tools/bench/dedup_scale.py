@@ -1,7 +1,7 @@
 """Scale of the bounded-memory dedup passes (maws_data.dedup.table) at 10^5 - 10^7 synthetic hashes.
 
-    uv run python tools/bench/dedup_scale.py                          # exact + near (k=4), 1e5 1e6 1e7
-    uv run python tools/bench/dedup_scale.py --sizes 100000 1000000 --threshold 2
+    uv run python tools/bench/dedup_scale.py                          # exact + near (k=2), 1e5 1e6 1e7
+    uv run python tools/bench/dedup_scale.py --modes near --threshold 4     # the k=4 plan (70 tables)
 
 For each N a fresh child process writes N rows as unit files of --unit-rows rows (synthetic phashes
 with 32 bits set, as real pHashes have; random sha256 prefixes; planted duplicates: 0.5% exact
@@ -11,7 +11,8 @@ its memory; its peak RSS and the time per hash of the dedup pass alone are print
 of decisions (which must equal the planted duplicates that are not themselves removed).
 
 Near uses one fixed block plan for every N (--blocks, default: mih.plan_blocks(k, 10^9), the plan a
-10^9 build would use), so the per-hash cost is comparable across N.
+10^9 build would use), so the per-hash cost is comparable across N; spills and partitions hold
+--records records each at every N, so each task's memory is the same at every N.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def child(args: argparse.Namespace) -> None:
     rss_write = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del prev_ph, prev_sha, pool_ph, pool_sha
     t1 = time.perf_counter()
-    d = dedup(table, mode=args.mode, threshold=args.threshold, blocks=args.blocks or None)
+    d = dedup(table, mode=args.mode, threshold=args.threshold, blocks=args.blocks or None,
+              spill_records=args.records, partition_records=args.records)
     t_dedup = time.perf_counter() - t1
     print(json.dumps({"n": args.n, "mode": args.mode, "threshold": args.threshold, "write_s": t_write,
                       "dedup_s": t_dedup, "us_per_hash": 1e6 * t_dedup / args.n,
@@ -95,9 +97,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     ap.add_argument("--modes", nargs="+", default=["exact", "near"])
-    ap.add_argument("--threshold", type=int, default=4)
+    ap.add_argument("--threshold", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=0, help="near: multi-index blocks (0 = the plan for 10^9)")
     ap.add_argument("--unit-rows", type=int, default=100_000)
+    ap.add_argument("--records", type=int, default=1 << 20,
+                    help="records per spill and per partition (sets the memory of every task)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -116,11 +120,12 @@ def main() -> None:
             try:
                 cmd = [sys.executable, __file__, "--n", str(n), "--mode", mode, "--dir", tmp, "--threshold",
                        str(args.threshold), "--blocks", str(blocks), "--unit-rows", str(args.unit_rows),
+                       "--records", str(args.records),
                        "--seed", str(args.seed)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 print(f"{mode:5s} N={n:>10,}  dedup {r['dedup_s']:7.1f} s = {r['us_per_hash']:6.2f} us/hash  "
-                      f"peak RSS {r['peak_rss_mb']:6.0f} MB  spill {r['spill_bytes'] / 2**20:7.0f} MiB  "
+                      f"peak RSS {r['peak_rss_mb']:6.0f} MB (writing the units {r['peak_rss_mb_writing']:4.0f})  spill {r['spill_bytes'] / 2**20:7.0f} MiB  "
                       f"decisions {r['decisions']} planted {r['planted']}  load {r['load'][0]:.2f}", flush=True)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

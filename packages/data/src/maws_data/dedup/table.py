@@ -51,7 +51,7 @@ from maws_data.manifest import TMP_SUFFIX, atomic_write_bytes
 DUPLICATE = "duplicate_image"
 NEAR = "near_duplicate"
 REASONS = ("", DUPLICATE, NEAR)  # reason codes 1, 2 in decisions.npz
-NEAR_THRESHOLD = 4  # default Hamming threshold of `near` (docs/dedup.md: precision/recall table)
+NEAR_THRESHOLD = 2  # default Hamming threshold of `near` (docs/dedup.md: precision/recall and cost)
 RECORDS_PER_PARTITION = 1 << 21  # ~55 MB of records per reduce task (peak ~4x that while sorting)
 RECORDS_PER_SPILL = 1 << 21  # the same bound for a spill task
 UNITS, SPILLS, DECISIONS = "units", "spills", "decisions.npz"
@@ -125,9 +125,9 @@ class Plan:
         return table_masks(self.threshold, self.blocks)
 
 
-def partitions_for(records: int) -> int:
-    """Partitions so that one reduce task holds ~RECORDS_PER_PARTITION records."""
-    return max(1, math.ceil(records / RECORDS_PER_PARTITION))
+def partitions_for(records: int, per_partition: int = RECORDS_PER_PARTITION) -> int:
+    """Partitions so that one reduce task holds ~per_partition records."""
+    return max(1, math.ceil(records / per_partition))
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -346,16 +346,17 @@ def _spill_groups(paths: list[Path], counts: list[int], rows_per_spill: int) -> 
 
 
 def make_plan(mode: Literal["exact", "near"], rows: int, *, threshold: int = NEAR_THRESHOLD,
-              partitions: int | None = None, blocks: int | None = None) -> Plan:
+              partitions: int | None = None, blocks: int | None = None,
+              partition_records: int = RECORDS_PER_PARTITION) -> Plan:
     """The plan for `rows` rows: blocks from mih.plan_blocks, partitions from the record count."""
     blocks = blocks or plan_blocks(threshold, rows)
     tables = len(table_masks(threshold, blocks)) if mode == "near" else 1
-    return Plan(mode, threshold, partitions or partitions_for(rows * tables), blocks)
+    return Plan(mode, threshold, partitions or partitions_for(rows * tables, partition_records), blocks)
 
 
 def dedup(table_dir: str | Path, *, mode: Literal["exact", "near"] = "exact", threshold: int = NEAR_THRESHOLD,
           partitions: int | None = None, blocks: int | None = None, spill_records: int = RECORDS_PER_SPILL,
-          processes: int = 1) -> Decisions:
+          partition_records: int = RECORDS_PER_PARTITION, processes: int = 1) -> Decisions:
     """Run spill -> reduce -> resolve -> name over all unit files; write and return the decisions.
 
     Consecutive units make one spill of ~`spill_records` records (rows x tables); a reduce task
@@ -366,7 +367,8 @@ def dedup(table_dir: str | Path, *, mode: Literal["exact", "near"] = "exact", th
     table_dir = Path(table_dir)
     paths = unit_paths(table_dir)
     counts = _count_rows(paths)
-    plan = make_plan(mode, max(1, sum(counts)), threshold=threshold, partitions=partitions, blocks=blocks)
+    plan = make_plan(mode, max(1, sum(counts)), threshold=threshold, partitions=partitions, blocks=blocks,
+                     partition_records=partition_records)
     for old in (table_dir / SPILLS).glob("*.npy"):  # a rerun replaces the spills of an earlier plan
         old.unlink()
     tables = len(plan.masks) if mode == "near" else 1
