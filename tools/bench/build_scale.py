@@ -1,0 +1,202 @@
+"""The build at scale: 10^5, 10^6 and 10^7 rows, 1 and 2 processes; time per row, text-pass rate, peak RSS.
+
+Synthesizes sources of real captions (../shared/data/text: HARRISON hashtag lists and TweetEval
+tweets, alternating) over many parquet files (--rows-per-file, row groups of 50k), with unique keys.
+Most rows name an image file that does not exist (the image pass records `missing_path`); one row in
+--unreachable-every points at a closed port on 127.0.0.1 (`download_failed`); one row in
+--photo-every is a real Instagram photo served from 127.0.0.1. Each build is the real CLI
+(`maws-data build`) in a fresh process; a sampler reads the RSS of the driver and of every worker
+process (psutil, every 0.2 s) and keeps the peaks. The text pass (everything before the first image:
+start-up, plan, text pass, mapping, vocabulary) ends when hashtag_map.tsv is written (its mtime).
+
+A first, untimed build of 10^5 rows fills the mapping cache: every timed build is warm (the same
+tags are never mapped twice; the OS page cache holds the sources).
+
+    uv run python tools/bench/build_scale.py                          # 1e5, 1e6, 1e7 x 1, 2 processes
+    uv run python tools/bench/build_scale.py --rows 1e5,1e6 --processes 2
+
+Targets (issue 10): the peak RSS of every process flat from 10^5 to 10^7 (<= 1.25x) and under 1 GB;
+the cost per row flat (<= 1.25x from 10^6 to 10^7); the text pass >= 500k rows/s per process
+(1 process, 10^7 rows) and >= 1.8x faster with 2 processes than with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import psutil
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+TEXT = SHARED / "text"
+INSTAGRAM = SHARED / "instagram"
+MAWS_DATA = Path(sys.executable).parent / "maws-data"
+
+
+def captions() -> pl.Series:
+    tags = [" ".join("#" + t for t in line.split()) for line in (TEXT / "harrison_tags.txt").open(encoding="utf-8")]
+    tweets = (TEXT / "tweets_emoji_train_text.txt").read_text(encoding="utf-8").splitlines()
+    n = min(len(tags), len(tweets))
+    mixed = [c for pair in zip(tags[:n], tweets[:n]) for c in pair] + tags[n:] + tweets[n:]
+    return pl.Series("caption", mixed, dtype=pl.String)
+
+
+def synthesize(out: Path, rows: int, per_file: int, photo_every: int, unreachable_every: int, base_url: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    caps = captions()
+    photos = pl.read_parquet(INSTAGRAM / "captions.parquet")["image"]
+    for f, start in enumerate(range(0, rows, per_file)):
+        idx = np.arange(start, min(start + per_file, rows))
+        image = pl.Series("image", [f"img/{i % 9973}/missing-{i}.jpg" for i in idx])
+        photo = idx % photo_every == 7
+        image = image.scatter(np.flatnonzero(photo), [f"{base_url}/{photos[int(i) % len(photos)]}" for i in idx[photo]])
+        dead = idx % unreachable_every == 3
+        image = image.scatter(np.flatnonzero(dead), [f"http://127.0.0.1:9/{i}.jpg" for i in idx[dead]])
+        df = pl.DataFrame({"key": [f"ig-{i:011d}" for i in idx], "image": image,
+                           "caption": caps.gather(pl.Series(idx % len(caps)))})
+        pq.write_table(df.to_arrow(), out / f"part-{f:05d}.parquet", row_group_size=50_000)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(folder: Path) -> tuple[ThreadingHTTPServer, str]:
+    handler = lambda *a, **k: _Quiet(*a, directory=str(folder), **k)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+@dataclass
+class Run:
+    rows: int
+    processes: int
+    wall_s: float
+    text_s: float
+    driver_mb: float
+    worker_mb: float
+    written: int
+
+    @property
+    def us_per_row(self) -> float:
+        return 1e6 * self.wall_s / self.rows
+
+    @property
+    def text_rate(self) -> float:
+        return self.rows / self.text_s
+
+
+def run_build(source: Path, out: Path, processes: int, cache: Path) -> Run:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(MAWS_DATA), "build", "--source", str(source), "--out", str(out), "--processes", str(processes),
+           "--shard-size", "1000", "--min-count", "10", "--image-size", "224", "--decoder", "pil", "--retries", "1",
+           "--timeout", "2", "--no-progress", "--mapping-cache", str(cache)]
+    env = {**os.environ, "NLTK_DATA": os.environ.get("NLTK_DATA", str(SHARED / "nltk_data"))}
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    me = psutil.Process(proc.pid)
+    driver = worker = 0
+    while proc.poll() is None:
+        try:
+            driver = max(driver, me.memory_info().rss)
+            for c in me.children(recursive=True):
+                try:
+                    worker = max(worker, c.memory_info().rss)
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    wall = time.time() - t0
+    _stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"build failed ({proc.returncode}): {stderr[-3000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    text_s = (out / "hashtag_map.tsv").stat().st_mtime - t0
+    return Run(manifest["counts"]["rows"], processes, wall, text_s, driver / 2**20, worker / 2**20,
+               manifest["counts"]["written"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1e5,1e6,1e7", help="comma-separated row counts")
+    ap.add_argument("--processes", default="1,2", help="comma-separated worker process counts")
+    ap.add_argument("--rows-per-file", type=int, default=250_000)
+    ap.add_argument("--photo-every", type=int, default=10_000, help="one real photo per this many rows")
+    ap.add_argument("--unreachable-every", type=int, default=2_000, help="one unreachable URL per this many rows")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
+    args = ap.parse_args()
+    sizes = [int(float(x)) for x in args.rows.split(",")]
+    procs = [int(x) for x in args.processes.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="maws-bench-scale-"))
+    httpd, base_url = serve(INSTAGRAM)
+    runs: list[Run] = []
+    try:
+        cache = work / "mapping-cache"
+        for n in sorted(set(sizes) | {100_000}):
+            per_file = min(args.rows_per_file, max(1000, n // 4))  # at least 4 files
+            synthesize(work / f"src-{n}", n, per_file, args.photo_every, args.unreachable_every, base_url)
+        run_build(work / "src-100000", work / "warm", 1, cache)  # untimed: fills the mapping cache
+        for n in sizes:
+            for p in procs:
+                r = run_build(work / f"src-{n}", work / f"out-{n}-{p}", p, cache)
+                runs.append(r)
+                print(f"{n:>10} rows  {p} proc  {r.wall_s:8.1f} s  {r.us_per_row:6.1f} us/row  text {r.text_s:6.1f} s "
+                      f"({r.text_rate / p:9.0f} rows/s/proc)  RSS driver {r.driver_mb:6.0f} MB  "
+                      f"worker {r.worker_mb:6.0f} MB  written {r.written}  load {os.getloadavg()[0]:.1f}", flush=True)
+                shutil.rmtree(work / f"out-{n}-{p}", ignore_errors=True)
+    finally:
+        httpd.shutdown()
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report(runs, sizes, procs)
+
+
+def report(runs: list[Run], sizes: list[int], procs: list[int]) -> None:
+    print("\n| rows | processes | wall s | us/row | text pass s | text rows/s/process | driver RSS MB | "
+          "largest worker RSS MB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(f"| {r.rows:,} | {r.processes} | {r.wall_s:.1f} | {r.us_per_row:.1f} | {r.text_s:.1f} | "
+              f"{r.text_rate / r.processes:,.0f} | {r.driver_mb:.0f} | {r.worker_mb:.0f} |")
+    by = {(r.rows, r.processes): r for r in runs}
+    lo, hi = min(sizes), max(sizes)
+    for p in procs:
+        if (lo, p) in by and (hi, p) in by and lo != hi:
+            a, b = by[(lo, p)], by[(hi, p)]
+            peak = max(b.driver_mb, b.worker_mb)
+            print(f"{p} proc: RSS {lo:,} -> {hi:,} rows: driver {b.driver_mb / a.driver_mb:.2f}x, "
+                  f"worker {b.worker_mb / max(a.worker_mb, 1):.2f}x (target <= 1.25x), peak {peak:.0f} MB (< 1024)")
+        mid = sorted(sizes)[-2] if len(sizes) > 1 else None
+        if mid and (mid, p) in by and (hi, p) in by:
+            print(f"{p} proc: cost per row {mid:,} -> {hi:,}: {by[(hi, p)].us_per_row / by[(mid, p)].us_per_row:.2f}x "
+                  "(target <= 1.25x)")
+    if (hi, 1) in by:
+        print(f"text pass, 1 process, {hi:,} rows: {by[(hi, 1)].text_rate:,.0f} rows/s (target >= 500,000)")
+    if (hi, 1) in by and (hi, 2) in by:
+        print(f"text pass, 2 vs 1 processes at {hi:,} rows: {by[(hi, 1)].text_s / by[(hi, 2)].text_s:.2f}x "
+              "faster (target >= 1.8x)")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()
