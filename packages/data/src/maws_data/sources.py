@@ -36,10 +36,12 @@ CSV/JSONL file during its scan, O(rows / step)).
 
 from __future__ import annotations
 
+import atexit
 import csv
 import glob as globlib
 import io
 import json
+import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,8 +211,28 @@ def _check_columns(name: str, have: list[str], wanted: list[str]) -> None:
 
 
 def _open(url: str):
+    if url.startswith(("http://", "https://")):
+        return open(_http_copy(url), "rb")
     fs, path = storage.filesystem(url)
     return fs.open(path, "rb")
+
+
+_http_copies: dict[str, str] = {}
+
+
+def _http_copy(url: str) -> str:
+    """A local copy of an http(s) source file, fetched once per process: many web servers do not
+    answer range requests, and a source file given by URL is one file, not a corpus."""
+    if url not in _http_copies:
+        import tempfile
+
+        fs, path = storage.filesystem(url)
+        fd, local = tempfile.mkstemp(prefix="maws-source-", suffix=_suffix(url))
+        os.close(fd)
+        atexit.register(Path(local).unlink, missing_ok=True)
+        fs.get_file(path, local)
+        _http_copies[url] = local
+    return _http_copies[url]
 
 
 def _scan_csv(f: SourceFile, wanted: list[str], step: int) -> FileLayout:
@@ -277,12 +299,14 @@ def _parquet_file(url: str) -> pa_parquet.ParquetFile:
     if pf is None:
         if len(_parquet_cache) >= 8:  # a worker moves from file to file: keep only a few open
             _parquet_cache.pop(next(iter(_parquet_cache)))
-        pf = _parquet_cache[url] = pa_parquet.ParquetFile(url if not storage.is_remote(url) else _open(url))
+        local = url if not storage.is_remote(url) else _http_copy(url) if url.startswith("http") else None
+        pf = _parquet_cache[url] = pa_parquet.ParquetFile(local or _open(url))
     return pf
 
 
 def _arrow_reader(url: str):
-    source = pa.memory_map(url) if not storage.is_remote(url) else _open(url)
+    local = url if not storage.is_remote(url) else _http_copy(url) if url.startswith("http") else None
+    source = pa.memory_map(local) if local else _open(url)
     try:
         return pa_ipc.open_stream(source)  # datasets' save_to_disk writes the IPC stream format
     except pa.ArrowInvalid:
