@@ -50,7 +50,7 @@ from maws_data.manifest import (
 from maws_data.plan import Plan, ScanTask, cut, scan
 from maws_data.runner import Runner, RunnerConfig, TaskFailed
 from maws_data.shards import completed_stats, list_sizes
-from maws_data.sources import SourceConfig, file_identity, list_files
+from maws_data.sources import SourceConfig, list_files
 from maws_data.textpass import WORK_DIR, safe_key, text_pass  # noqa: F401 - safe_key: public API
 from maws_data.vocab import (
     HASHTAG_MAP_NAME,
@@ -146,21 +146,21 @@ def build(cfg: BuildConfig) -> Path | str:
                        caption_column=cfg.caption_column)
     src.wanted  # noqa: B018 - the column-name check, before anything is read
     files = list_files(cfg.source)
-    inputs = [file_identity(f) for f in files]
     decoder = choose_decoder(cfg.image_config(cfg.decoder))
     resolved = {**dataclasses.asdict(cfg), "decoder": decoder}
-    fingerprint = _fingerprint(resolved, inputs)
     work = storage.join(out, WORK_DIR)
     rcfg = RunnerConfig(kind=cfg.runner, processes=cfg.num_processes, ray_address=cfg.ray_address,
                         retries=cfg.task_retries, task_timeout_s=cfg.task_timeout_s, progress=cfg.progress)
     try:
         with Runner(rcfg) as runner:
             # 1. plan (a missing column fails here, before --out is claimed for this config)
-            layouts = {}
+            scanned = {}
             scans = [ScanTask(f, src, cfg.shard_size) for f in files]
-            for task, layout in runner.map(scan, scans, desc="plan"):
-                layouts[task.file.url] = layout
-            plan = cut(files, [layouts[f.url] for f in files], cfg.shard_size, cfg.text_unit_rows)
+            for task, result in runner.map(scan, scans, desc="plan"):
+                scanned[task.file.url] = result
+            plan = cut(files, [scanned[f.url][0] for f in files], cfg.shard_size, cfg.text_unit_rows)
+            inputs = [scanned[f.url][1] for f in files]
+            fingerprint = _fingerprint(resolved, inputs)
             _prepare_out(out, fingerprint, resolved, inputs, overwrite=cfg.overwrite)
 
             # 2. text pass, 3. vocabulary

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maws_data.sources import FileLayout, SourceConfig, SourceFile, scan_file
+from maws_data.sources import FileLayout, SourceConfig, SourceFile, file_identity, scan_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +53,10 @@ class ScanTask:
         return 0
 
 
-def scan(task: ScanTask) -> FileLayout:
-    """Runner entry point: one file's row count (and CSV/JSONL byte offsets)."""
-    return scan_file(task.file, task.source, task.step)
+def scan(task: ScanTask) -> tuple[FileLayout, dict]:
+    """Runner entry point: one file's row count (and CSV/JSONL byte offsets), and its identity for
+    the build fingerprint (the sha256 of a local file: hashing thousands of files is parallel work too)."""
+    return scan_file(task.file, task.source, task.step), file_identity(task.file)
 
 
 def cut(files: list[SourceFile], layouts: list[FileLayout], shard_size: int, unit_rows: int) -> Plan:
