@@ -53,3 +53,11 @@ def test_dali_reads_remote_shards_through_the_host_reader(http_build, tiny_build
     url, _ = http_build
     want = epoch(str(tiny_build), "eval", 0, backend="dali", drop_last=False)
     assert same(epoch(url, "eval", 0, backend="dali", drop_last=False), want)
+
+
+def test_a_list_of_remote_tars_reads_their_stats_and_the_vocabulary(http_build, tiny_build):
+    """No manifest: shard counts from each tar's stats JSON, vocabulary.tsv found above shards/ (over http)."""
+    url, _ = http_build
+    names = [f"shards/shard-{i:06d}.tar" for i in range(4)]
+    local = epoch(tuple(str(tiny_build / n) for n in names), "wsp")
+    assert same(epoch(tuple(f"{url}/{n}" for n in names), "wsp"), local)

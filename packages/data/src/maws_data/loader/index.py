@@ -176,9 +176,9 @@ def resolve(spec: str | Sequence[str]) -> tuple[list[str], str | None, list[dict
         tars = sorted(glob.glob(spec))
     if not tars:
         raise FileNotFoundError(f"no shard tars found for {spec!r}")
-    parent = posixpath.dirname(tars[0]) if storage.is_remote(tars[0]) else os.path.dirname(tars[0])
-    candidates = [storage.join(parent, ".."), parent] if storage.is_remote(tars[0]) else \
-        [os.path.dirname(parent), parent]
+    dirname = posixpath.dirname if storage.is_remote(tars[0]) else os.path.dirname
+    parent = dirname(tars[0])
+    candidates = [dirname(parent), parent]  # the build dir above shards/, or the tars' own folder
     build = next((d for d in candidates if _exists(storage.join(d, "vocabulary.tsv"))), None)
     return tars, build, None, b""
 
