@@ -1,6 +1,6 @@
 """CPU image transforms for the three recipes (MAE, WSP, eval), on Pillow-SIMD.
 
-Recipes (the DALI pipeline in `dali.py` implements the same ones on the GPU):
+Recipes (the DALI pipeline in `loader/dali.py` implements the same ones on the GPU):
   mae   RandomResizedCrop(scale 0.2-1.0, ratio 3/4-4/3, bicubic) + horizontal flip  (He et al. 2022)
   wsp   RandomResizedCrop(scale 0.08-1.0, ratio 3/4-4/3, bicubic) + horizontal flip  (the Inception/
         ImageNet crop that the MAWS and SWAG WSP recipes start from)
