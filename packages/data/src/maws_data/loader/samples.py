@@ -142,33 +142,38 @@ class BatchSource:
         return entry
 
     def batch(self, epoch: int, b: int) -> tuple[BatchSamples, list[tuple[int, str]]]:
-        """Batch b of `epoch` on this rank, and the (row, reason) of samples the sidecar marks bad."""
+        """Batch b of `epoch` on this rank, and the (row, reason) of samples the sidecar marks bad.
+
+        Vectorised per shard (a batch touches up to window_shards shards): no per-sample Python."""
         shards, ks = self.plan_of(epoch, b)
         n = len(shards)
         out = BatchSamples(shard=shards.astype(np.int64), row=np.zeros(n, np.int64), gid=np.zeros(n, np.int64),
                            offset=np.zeros(n, np.int64), size=np.zeros(n, np.int64), wh=np.zeros((n, 2), np.int32),
                            key=np.zeros(n, "S1"), label_ptr=np.zeros(n + 1, np.int64), labels=np.zeros(0, np.int32))
         counts = self.epoch_plan(epoch).counts
-        keys, lens, labs, bad = [None] * n, np.zeros(n, np.int64), [None] * n, []
+        groups, lens, bad = [], np.zeros(n, np.int64), []
         for s in np.unique(shards):
             at = np.flatnonzero(shards == s)
             entry = self.shard(epoch, int(s), int(counts[s]))
-            rows = entry.rows[ks[at]]
-            sm = entry.samples
+            sm, rows = entry.samples, entry.rows[ks[at]]
             out.row[at], out.offset[at], out.size[at], out.wh[at] = rows, sm.jpg_offset[rows], sm.jpg_size[rows], sm.size[rows]
-            for i, r in zip(at, rows):  # per-sample, but only the batch's (keys and label slices for the caller)
-                keys[i] = sm.key[r]
-                labs[i] = sm.labels[sm.label_ptr[r]:sm.label_ptr[r + 1]]
-                lens[i] = len(labs[i])
-                if r in entry.bad:
-                    bad.append((int(i), entry.bad[int(r)]))
+            lens[at] = sm.label_ptr[rows + 1] - sm.label_ptr[rows]
+            groups.append((at, rows, sm))
+            if entry.bad:
+                bad += [(int(i), entry.bad[int(r)]) for i, r in zip(at, rows) if int(r) in entry.bad]
         out.gid = self.index.first[out.shard] + out.row
-        if n:
-            out.key = np.array(keys)
-            out.label_ptr[1:] = np.cumsum(lens)
-            out.labels = np.concatenate(labs).astype(np.int32)
+        if not n:
+            return out, bad
+        width = max(sm.key.dtype.itemsize for _, _, sm in groups)
+        out.key = np.zeros(n, f"S{width}")
+        np.cumsum(lens, out=out.label_ptr[1:])
+        out.labels = np.zeros(int(out.label_ptr[-1]), np.int32)
+        for at, rows, sm in groups:  # CSR row gather: the labels of `rows` into the batch's label slots
+            out.key[at] = sm.key[rows]
+            m = lens[at]
+            offset = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+            out.labels[np.repeat(out.label_ptr[at], m) + offset] = sm.labels[np.repeat(sm.label_ptr[rows], m) + offset]
         return out, bad
-
 
 def geometry(cfg: LoaderConfig, wh: np.ndarray, gids: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """Crop boxes and flips of one batch (both backends), from the sizes the builder recorded."""
