@@ -13,6 +13,7 @@ Memory: O(#shards) + cache of ~2 windows of sidecars (2 x window_shards x sample
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class BatchSource:
         self._reset()
 
     def _reset(self) -> None:
+        self._lock = threading.Lock()  # DALI's prep thread and the main thread share the caches
         self._plans: OrderedDict[int, plan.EpochPlan] = OrderedDict()
         self._shards: OrderedDict[tuple[int, int], _Shard] = OrderedDict()
         self._capacity = 2 * max(1, self.cfg.window_shards) + 16
@@ -145,6 +147,10 @@ class BatchSource:
         """Batch b of `epoch` on this rank, and the (row, reason) of samples the sidecar marks bad.
 
         Vectorised per shard (a batch touches up to window_shards shards): no per-sample Python."""
+        with self._lock:
+            return self._batch(epoch, b)
+
+    def _batch(self, epoch: int, b: int) -> tuple[BatchSamples, list[tuple[int, str]]]:
         shards, ks = self.plan_of(epoch, b)
         n = len(shards)
         out = BatchSamples(shard=shards.astype(np.int64), row=np.zeros(n, np.int64), gid=np.zeros(n, np.int64),
