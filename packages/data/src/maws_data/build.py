@@ -51,7 +51,7 @@ from maws_data.plan import Plan, ScanTask, cut, scan
 from maws_data.runner import Runner, RunnerConfig, TaskFailed
 from maws_data.shards import completed_stats, list_sizes
 from maws_data.sources import SourceConfig, list_files
-from maws_data.textpass import WORK_DIR, safe_key, text_pass  # noqa: F401 - safe_key: public API
+from maws_data.textpass import WORK_DIR, safe_key, synset_names, text_pass  # noqa: F401 - safe_key: public API
 from maws_data.vocab import (
     HASHTAG_MAP_NAME,
     VOCABULARY_NAME,
@@ -59,7 +59,7 @@ from maws_data.vocab import (
     hashtag_map_from_counts,
     vocabulary_from_counts,
 )
-from maws_data.wordnet import MappingConfig, synset_name
+from maws_data.wordnet import MappingConfig
 
 BUILD_STATE_NAME = "build.json"
 BUILD_FORMAT = 2  # in the fingerprint: 2 = streaming builder (null captions kept, per-file shards)
@@ -168,8 +168,10 @@ def build(cfg: BuildConfig) -> Path | str:
                                         use_segmentation=cfg.segmentation)
             text = text_pass(plan, src, work, fingerprint, runner, mapping_cfg, cfg.mapping_cache)
             tag_wnids = {t: m[0] for t, m in text.mapping.items()}
+            kept = [w for w, c in text.synset_counts.items() if c >= cfg.min_count]
+            names = synset_names(kept, mapping_cfg, cfg.mapping_cache)
             vocab = vocabulary_from_counts(text.synset_counts, text.tag_counts, tag_wnids, min_count=cfg.min_count,
-                                           max_classes=cfg.max_classes, synset_name=synset_name)
+                                           max_classes=cfg.max_classes, synset_name=names.__getitem__)
             write_bytes(storage.join(out, VOCABULARY_NAME), vocab.to_frame().write_csv(separator="\t").encode())
             write_bytes(storage.join(out, HASHTAG_MAP_NAME),
                         hashtag_map_from_counts(text.tag_counts, text.mapping).write_csv(separator="\t").encode())

@@ -293,10 +293,7 @@ def load_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, 
         except SkipSample as e:
             return e
 
-    if threads <= 1 or len(refs) <= 1:
-        return [one(r) for r in refs]
-    with ThreadPoolExecutor(min(threads, len(refs))) as pool:
-        return list(pool.map(one, refs))
+    return _map_threads(one, refs, threads)
 
 
 def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16
@@ -312,10 +309,23 @@ def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: I
         except SkipSample as e:
             return e
 
-    if threads <= 1 or len(refs) <= 1:
-        return [one(r) for r in refs]
-    with ThreadPoolExecutor(min(threads, len(refs))) as pool:
-        return list(pool.map(one, refs))
+    return _map_threads(one, refs, threads)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+ROWS_PER_SUBMIT = 4  # rows per thread-pool task: a future per row costs more than a missing file's stat
+
+
+def _map_threads(fn, items: Sequence, threads: int) -> list:
+    """[fn(x) for x in items] on a per-process pool of `threads` threads (reused by every shard),
+    in input order; rows go in small groups, so a slow download holds up only its own group."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    pool = _pools.get(threads)
+    if pool is None:
+        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="maws-images")
+    groups = [items[i:i + ROWS_PER_SUBMIT] for i in range(0, len(items), ROWS_PER_SUBMIT)]
+    return [r for group in pool.map(lambda g: [fn(x) for x in g], groups) for r in group]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,5 +147,9 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def write_json(url: str, obj: Any) -> None:
-    write_bytes(url, dumps_json(obj).encode("utf-8"))
+def write_json(url: str, obj: Any, *, compact: bool = False) -> None:
+    """Stable JSON (sorted keys). `compact` for large machine-read files: json's C encoder runs
+    only without an indent, and an indented shard stats file of 1,000 skipped rows costs ~25 ms."""
+    text = (json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n") if compact \
+        else dumps_json(obj)
+    write_bytes(url, text.encode("utf-8"))

@@ -180,7 +180,7 @@ def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
              "rows": [task.first_row, task.end_row], "skipped": reasons, "skipped_rows": skipped,
              "caption_missing": missing,
              "fingerprint": task.fingerprint, **sidecar.stats_fields(written_labels, task.class_counts)}
-    write_json(storage.join(task.shards_dir, f"{task.stem}.json"), stats)  # last: the commit marker
+    write_json(storage.join(task.shards_dir, f"{task.stem}.json"), stats, compact=True)  # last: the commit marker
     return stats
 
 

@@ -357,3 +357,31 @@ def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None
             except OSError:
                 pass  # a read-only home is only a slower next build
     return out, len(todo)
+
+
+def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None) -> dict[str, str]:
+    """wnid -> synset name ("dog.n.01"), through the same cache: a warm build never loads WordNet
+    (reading it costs ~10 s and ~150 MB)."""
+    from maws_data.wordnet import synset_name
+
+    wnids = set(wnids)
+    path = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / f"{mapping_key(mapping_cfg)}-names.parquet"
+    known: dict[str, str] = {}
+    if path is not None and path.is_file():
+        try:
+            df = pl.read_parquet(path)
+            known = dict(zip(df["wnid"].to_list(), df["name"].to_list()))
+        except Exception:  # noqa: BLE001 - a broken cache is only a slower build
+            known = {}
+    todo = sorted(wnids - known.keys())
+    if todo:
+        known.update((w, synset_name(w)) for w in todo)
+        if path is not None:
+            names = sorted(known)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes(str(path), _parquet_bytes(pl.DataFrame({"wnid": names, "name": [known[w] for w in names]},
+                                                                   schema={"wnid": pl.String, "name": pl.String})))
+            except OSError:
+                pass
+    return {w: known[w] for w in wnids}
