@@ -186,13 +186,32 @@ def _write_partitioned(stem: Path, records: np.ndarray, col: int, partitions: in
     _save(stem.with_name(stem.name + ".off.npy"), np.append(off, len(records)).astype(np.int64))
 
 
+_SPILL_INDEX: dict[Path, tuple[int, np.ndarray]] = {}  # spill .npy -> (data offset, partition offsets)
+
+
+def _spill_index(path: Path) -> tuple[int, np.ndarray]:
+    """Where a spill's records start in its .npy file and its partition offsets, read once per process:
+    a reduce task reads one slice of every spill, so per-slice overhead is what grows with N."""
+    if path not in _SPILL_INDEX:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+            if dtype != np.uint64 or len(shape) != 2 or shape[1] != 3:
+                raise ValueError(f"{path}: not a dedup spill ({dtype}, {shape})")
+            _SPILL_INDEX[path] = (f.tell(), np.load(path.with_name(path.name[:-4] + ".off.npy")))
+    return _SPILL_INDEX[path]
+
+
 def _partition_slice(table_dir: str | Path, kind: str, p: int) -> np.ndarray:
-    """Partition p's records from every spill, read through memory maps (only that slice is loaded)."""
+    """Partition p's records from every spill: one seek + read per spill (only that slice is loaded)."""
     chunks = []
     for path in sorted((Path(table_dir) / SPILLS).glob(f"*.{kind}.npy")):
-        off = np.load(path.with_name(path.name[:-4] + ".off.npy"))
-        if off[p + 1] > off[p]:
-            chunks.append(np.array(np.load(path, mmap_mode="r")[off[p]:off[p + 1]]))
+        start, off = _spill_index(path)
+        n = int(off[p + 1] - off[p])
+        if n:
+            chunks.append(np.fromfile(path, np.uint64, n * 3, offset=start + int(off[p]) * 24).reshape(n, 3))
     return np.concatenate(chunks) if chunks else np.zeros((0, 3), np.uint64)
 
 
@@ -371,6 +390,7 @@ def dedup(table_dir: str | Path, *, mode: Literal["exact", "near"] = "exact", th
                      partition_records=partition_records)
     for old in (table_dir / SPILLS).glob("*.npy"):  # a rerun replaces the spills of an earlier plan
         old.unlink()
+    _SPILL_INDEX.clear()
     tables = len(plan.masks) if mode == "near" else 1
     groups = _spill_groups(paths, counts, max(1, spill_records // tables))
     with _pool(processes) as pool:
