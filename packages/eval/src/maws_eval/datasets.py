@@ -51,11 +51,10 @@ _DECODE_ERRORS = (OSError, Image.DecompressionBombError, ValueError, SyntaxError
 
 
 def decode(source: Path | io.BytesIO, where: str) -> Image.Image:
-    """Open and fully decode an image; any decoding failure is a DatasetError naming `where`."""
+    """Open, fully decode and convert an image to RGB; any failure is a DatasetError naming `where`."""
     try:
-        im = Image.open(source)
-        im.load()
-        return im
+        with Image.open(source) as im:
+            return im.convert("RGB")  # decodes, and a mode Pillow cannot convert fails here, named
     except Image.DecompressionBombError as e:
         raise DatasetError(f"{where}: refused as a decompression bomb ({e}); remove or shrink this file") from None
     except _DECODE_ERRORS as e:
@@ -77,6 +76,7 @@ class ImageFolderSplit:
         return h.hexdigest()
 
     def open_image(self, i: int) -> Image.Image:
+        """Item i as an RGB image (DatasetError naming the file if it cannot be decoded)."""
         path = self.root / self.items[i][0]
         return decode(path, str(path))
 
@@ -132,7 +132,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | _Failed:
         try:
             with self.split.open_image(i) as im:
-                return self.transform(im.convert("RGB")), self.split.items[i][1]
+                return self.transform(im), self.split.items[i][1]
         except DatasetError as e:  # returned, not raised: torch would re-raise it as "Caught ... in worker" + traceback
             return _Failed(str(e))
 
