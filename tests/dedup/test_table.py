@@ -109,6 +109,10 @@ def test_equals_brute_force_for_any_split(tmp_path, k):
         ph[j] = ph[rng.integers(0, j)]
         for b in rng.choice(64, rng.integers(0, 7), replace=False):
             ph[j] ^= np.uint64(1) << np.uint64(b)
+    for j in range(30, n, 11):  # a placeholder image re-encoded ~135 times: the same phash, other bytes
+        ph[j] = ph[5]
+    for j in range(34, n, 53):  # and a few images 2 bits away from it
+        ph[j] = ph[5] ^ np.uint64(0b101 << 20)
     for j in range(70, n, 97):  # exact copies
         i = int(rng.integers(0, j))
         sha[j], ph[j] = sha[i], ph[i]
@@ -120,3 +124,19 @@ def test_equals_brute_force_for_any_split(tmp_path, k):
             d = run(tmp_path / f"{mode}{chunks}", rows, keys, sha, ph, chunks=chunks, mode=mode, threshold=k,
                     partitions=parts, spill_records=300)
             assert {int(r): (int(c), int(kr)) for r, c, kr in zip(d.row, d.reason, d.kept_row)} == expected
+
+
+def test_repeated_hash_costs_linear_pairs(tmp_path):
+    """m rows with one phash give m - 1 alias pairs per table, not m^2 / 2."""
+    from maws_data.dedup.table import make_plan, reduce_near, spill
+
+    m = 400
+    write_unit(tmp_path, "u", rows=np.arange(m), keys=[f"k{i}" for i in range(m)],
+               sha256=[hashlib.sha256(bytes([i % 256, i // 256])).hexdigest() for i in range(m)],
+               phash=[0x0123456789ABCDEF] * m)
+    plan = make_plan("near", m, partitions=1)
+    spill(tmp_path, [tmp_path / "units" / "u.npz"], "s", plan, m)
+    pairs = reduce_near(tmp_path, 0, plan.threshold)
+    assert len(np.unique(pairs, axis=0)) == m - 1 and len(pairs) == (m - 1) * len(plan.masks)
+    d = dedup(tmp_path, mode="near")
+    assert len(d) == m - 1 and set(d.kept_row.tolist()) == {0}

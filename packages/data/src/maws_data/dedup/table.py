@@ -8,11 +8,12 @@ wrote: `write_unit(table_dir, unit, rows=, keys=, sha256=, phash=)`. Then `dedup
      (mih.py: gkey = a 64-bit mix of (table, hash & table mask), phash, row). Records are sorted by
      sha prefix / gkey, and partition p is the p-th of P equal ranges of that 64-bit value, so it is
      one contiguous run of each spill (.npy + .off.npy offsets).
-  2. reduce (per partition): read that partition's slice of every spill (memory-mapped), sort.
+  2. reduce (per partition): read that partition's slice of every spill (one seek + read each), sort.
      Exact: records with equal sha prefix form a group; the first row keeps, the others are
      `duplicate_image` of it. Near: records with equal gkey form a group; every pair in a
      group is verified by Hamming distance, and pairs within the threshold are kept. By the
-     pigeonhole argument in mih.py this finds every pair of rows within the threshold.
+     pigeonhole argument in mih.py this finds every pair of rows within the threshold (rows that
+     repeat an earlier row's phash get one alias pair instead, see reduce_near).
   3. resolve (row order): rows removed as exact duplicates first; then each remaining row, in row
      order, is `near_duplicate` when it is within the threshold of an earlier row that is kept, and
      its detail names the earliest such row. A chain a~b~c with a, c farther apart keeps a and c.
@@ -82,6 +83,8 @@ def write_unit(table_dir: str | Path, unit: str, *, rows: Sequence[int] | np.nda
     n = len(rows)
     if not n == len(keys) == len(sha256) == len(phash):
         raise ValueError(f"unit {unit}: {n} rows, {len(keys)} keys, {len(sha256)} sha256, {len(phash)} phash")
+    if len(np.unique(np.asarray(rows, np.int64))) != n:
+        raise ValueError(f"unit {unit}: row numbers repeat (each row must be written once, in one unit)")
     if isinstance(sha256, np.ndarray) and sha256.dtype.kind == "u":
         digests = sha256.astype(np.uint64).reshape(n, 2)
     else:
@@ -232,29 +235,45 @@ def reduce_exact(table_dir: str | Path, p: int) -> np.ndarray:
 
 
 def reduce_near(table_dir: str | Path, p: int, threshold: int) -> np.ndarray:
-    """(n, 3) int64 [later_row, earlier_row, distance] of partition p: pairs within `threshold`."""
+    """(n, 3) int64 [later_row, earlier_row, distance] of partition p.
+
+    Rows with the same phash as an earlier row get one *alias* pair (row, first row of that phash, 0)
+    and no other pair; among the first rows of distinct phashes, every pair within `threshold`.
+    So a hash repeated m times costs m pairs, not m^2 (a placeholder image re-encoded a million
+    times), and `resolve` gives the aliases the decision of their first row.
+    """
     r = _partition_slice(table_dir, "near", p)
     g = r[:, GKEY]
     order = np.argsort(g, kind="stable")  # sorted runs, one per spill: merged in ~linear time
-    g = g[order]
-    same = g[1:] == g[:-1]
+    same = g[order][1:] == g[order][:-1]
     if not same.any():
         return np.zeros((0, 3), np.int64)
-    # keep only members of groups with >= 2 records, then pair each with the next 1, 2, ... members
-    keep = np.concatenate([[False], same]) | np.concatenate([same, [False]])
-    r, g = r[order[keep]], g[keep]
-    gid = np.cumsum(np.concatenate([[True], g[1:] != g[:-1]]))
-    out = []
-    for o in range(1, int(np.bincount(gid).max())):
-        a = np.flatnonzero(gid[:-o] == gid[o:])
+    keep = np.concatenate([[False], same]) | np.concatenate([same, [False]])  # members of groups of >= 2
+    r = r[order[keep]]
+    r = r[np.lexsort((r[:, ROW], r[:, PHASH], r[:, GKEY]))]
+    new_group = np.concatenate([[True], r[1:, GKEY] != r[:-1, GKEY]])
+    new_hash = new_group | np.concatenate([[True], r[1:, PHASH] != r[:-1, PHASH]])
+    first = np.flatnonzero(new_hash)
+    first_row = np.repeat(r[first, ROW], np.diff(np.append(first, len(r)))).astype(np.int64)
+    rows = r[:, ROW].astype(np.int64)
+    alias = ~new_hash
+    out = [np.stack([rows[alias], first_row[alias], np.zeros(int(alias.sum()), np.int64)], axis=1)]
+    reps = r[new_hash]  # one record per (group, distinct phash): its first row
+    gid = np.cumsum(new_group[new_hash])
+    size = np.bincount(gid)[gid]
+    idx = np.arange(len(reps))
+    for o in range(1, int(size.max())):  # pair every rep with the o-th next rep of its group
+        idx = idx[size[idx] > o]
+        a = idx[idx + o < len(reps)]
+        a = a[gid[a] == gid[a + o]]
         if not len(a):
             break
         b = a + o
-        d = hamming(r[a, PHASH], r[b, PHASH]).astype(np.int64)
-        ra, rb = r[a, ROW].astype(np.int64), r[b, ROW].astype(np.int64)
-        ok = (d <= threshold) & (ra != rb)
+        d = hamming(reps[a, PHASH], reps[b, PHASH]).astype(np.int64)
+        ra, rb = reps[a, ROW].astype(np.int64), reps[b, ROW].astype(np.int64)
+        ok = d <= threshold
         out.append(np.stack([np.maximum(ra, rb)[ok], np.minimum(ra, rb)[ok], d[ok]], axis=1))
-    return np.concatenate(out) if out else np.zeros((0, 3), np.int64)
+    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- 3. resolve, 4. name
@@ -316,6 +335,12 @@ def resolve(exact_pairs: np.ndarray, near_pairs: np.ndarray) -> dict[int, tuple[
         for s, e in zip(starts, np.append(starts[1:], len(later))):
             j = int(later[s])
             if j in removed:
+                continue
+            if near_pairs[s, 2] == 0:  # an alias: same phash as row i, which was decided before j
+                i = int(near_pairs[s, 1])
+                # i kept -> j duplicates i; i removed (near, not exact: i is the first row of its phash)
+                # -> the earliest kept row within the threshold of j is i's, at the same distance
+                removed[j] = (2, i, 0) if i not in removed else (2, *removed[i][1:])
                 continue
             for i, d in near_pairs[s:e, 1:]:
                 if int(i) not in removed:  # earlier rows are final: they were decided before j
