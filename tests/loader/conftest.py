@@ -67,7 +67,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
 def http_build(tiny_build: Path):
     """`http://127.0.0.1:PORT/build`: the tiny build served by a local HTTP server with byte ranges."""
     handler = type("Handler", (RangeHandler,), {"drop": {}, "served": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(tiny_build.parent)))
+    server = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256})(  # (default backlog: 5)
+        ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(tiny_build.parent)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

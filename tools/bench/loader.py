@@ -13,6 +13,8 @@ NCHW), the same batch size and the same number of workers:
   webdataset  maws_data.loader, Pillow-SIMD on DataLoader workers (W processes)
   dali-cpu    maws_data.loader, DALI pipeline on the CPU (W decode threads)
   dali-gpu    DALI "mixed" nvJPEG decoding (only with CUDA; not measurable on a CPU machine)
+  webdataset-http  the webdataset backend reading the same build over http://127.0.0.1 (a local server
+              answering byte ranges, in a child process): the remote read path (ranged GETs) at no latency
 
 With CUDA, two ceilings for dali-gpu are measured on the same JPEGs, held in memory (no host reads, no
 per-sample Python): `nvjpeg-decode` (fn.decoders.image "mixed" alone: the decoder's own limit) and
@@ -135,7 +137,43 @@ def run_webdataset_pipeline(build: Path, task: str, args) -> tuple[int, float]:
     return time_batches(dl, args.epochs, args.consume == "read")
 
 
-def run_ours(build: Path, task: str, backend: str, args, *, dali_device: str = "cpu") -> tuple[int, float]:
+def serve_http(folder: Path) -> str:
+    """Serve `folder` on http://127.0.0.1 (byte ranges, as object stores and CDNs answer them) from a
+    separate process (a server thread here would share this process's GIL with the loader's main loop;
+    on the 2-core machine it still shares the cores)."""
+    import multiprocessing
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ranges(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            path, rng = self.translate_path(self.path), self.headers.get("Range", "")
+            if not rng.startswith("bytes=") or not os.path.isfile(path):
+                return super().do_GET()
+            size = os.path.getsize(path)
+            a, _, b = rng[6:].partition("-")
+            start, end = int(a), min(int(b) if b else size - 1, size - 1)
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read(end - start + 1)
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # socketserver's default backlog of 5 drops connections (1 s SYN retry)
+
+    server = Server(("127.0.0.1", 0), lambda *a: Ranges(*a, directory=str(folder.parent)))
+    multiprocessing.get_context("fork").Process(target=server.serve_forever, daemon=True).start()
+    server.socket.close()  # the child serves it
+    return f"http://127.0.0.1:{server.server_address[1]}/{folder.name}"
+
+
+def run_ours(build: Path | str, task: str, backend: str, args, *, dali_device: str = "cpu") -> tuple[int, float]:
     from maws_data.loader import LoaderConfig, build_loader
 
     cfg = LoaderConfig(shards=str(build), task=task, batch_size=args.batch_size, image_size=args.size,
@@ -220,7 +258,7 @@ def main() -> None:
     print(f"{n} images, stored shorter side {args.image_size}, output {args.size}, batch {args.batch_size}, "
           f"{args.workers} workers, {args.epochs} epoch(s), consumer {args.consume}, {os.cpu_count()} CPUs, "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, load average {os.getloadavg()}", flush=True)
-    results = []
+    results, http_url = [], None
     for task in args.tasks:
         imgs, secs = run_baseline(folder, task, args)
         base = imgs / secs
@@ -237,7 +275,11 @@ def main() -> None:
                 print(f"{task:5s} {backend:22s}  not measured: no CUDA on this machine", flush=True)
                 continue
             name, dev = ("dali", backend.split("-")[1]) if backend.startswith("dali") else (backend, "cpu")
-            imgs, secs = run_ours(build, task, name, args, dali_device=dev)
+            source = build
+            if backend == "webdataset-http":  # the same build read over http://127.0.0.1 (ranged GETs)
+                name, source = "webdataset", http_url or serve_http(build)
+                http_url = source
+            imgs, secs = run_ours(source, task, name, args, dali_device=dev)
             rate = imgs / secs
             results.append({"task": task, "loader": backend, "images": imgs, "seconds": secs,
                             "images_per_s": rate, "ratio": rate / base, "ratio_wds": rate / wds_rate})
