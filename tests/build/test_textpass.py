@@ -55,7 +55,15 @@ def test_one_and_two_processes_equal_the_single_frame_reference(text_source, tmp
               "progress": False, "text_unit_rows": 200}  # 12+ text units over 3 files
     one = build(BuildConfig(out=str(tmp_path / "one"), processes=1, mapping_cache="", **common))
     two = build(BuildConfig(out=str(tmp_path / "two"), processes=2, mapping_cache=str(tmp_path / "cache"), **common))
-    for out in (one, two):
+    # warm: every tag is in the cache, so the scan round counts, and the unit holding the duplicate
+    # key is counted again to subtract it
+    warm = build(BuildConfig(out=str(tmp_path / "warm"), processes=2, mapping_cache=str(tmp_path / "cache"), **common))
+    # partly warm: the cache knows the tags of the first file only
+    build(BuildConfig(**{**common, "source": str(text_source / "part-0.parquet")}, out=str(tmp_path / "first"),
+                      processes=1, mapping_cache=str(tmp_path / "part-cache")))
+    part = build(BuildConfig(out=str(tmp_path / "part"), processes=1, mapping_cache=str(tmp_path / "part-cache"),
+                             **common))
+    for out in (one, two, warm, part):
         assert (out / "vocabulary.tsv").read_text() == want_vocab
         assert (out / "hashtag_map.tsv").read_text() == want_map
     m = __import__("json").loads((one / "manifest.json").read_text())

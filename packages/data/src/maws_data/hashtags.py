@@ -155,6 +155,89 @@ def distinct_tags(texts: pl.Series) -> set[str]:
     return {t for c in chunks.to_list() for t in chunk_tags(c)}
 
 
+def mine_counts(texts: pl.Series, lookup: Mapping[str, Sequence[str]] | None = None, *, require_complete: bool = False
+                ) -> tuple[list[str], dict[str, int] | None, dict[str, int] | None]:
+    """(distinct hashtags, rows per hashtag, rows per output of `lookup[tag]`) over all captions.
+
+    Counting only: no per-caption list is built. A caption counts once for every distinct tag in it
+    and once for every distinct output its tags map to (a tag missing from `lookup` maps to nothing).
+    With `require_complete`, the counts are None unless every tag is in `lookup` (the caller then
+    counts later, once the missing tags are mapped). Without `lookup`, only the tags are returned.
+    """
+    import numpy as np
+    import polars as pl
+
+    chunks = texts.cast(pl.String).str.extract_all(CHUNK_PATTERN)
+    n_items = chunks.list.len().fill_null(0).to_numpy().astype(np.int64)
+    items = chunks.explode(empty_as_null=False, keep_nulls=False)
+    if not len(items):
+        return [], ({} if lookup is not None else None), ({} if lookup is not None else None)
+    codes, distinct = _distinct_codes(items)
+    per_chunk = [_chunk_tag_ids(c) for c in distinct]  # ids into _TAG_NAMES, this process's tag table
+    rows = np.repeat(np.arange(len(n_items), dtype=np.int64), n_items)  # the caption of each chunk occurrence
+    pair_rows, pair_tags = _expand_ids(rows, codes, per_chunk)
+    n_tags = max(len(_TAG_NAMES), 1)
+    present = np.flatnonzero(np.bincount(pair_tags, minlength=n_tags)) if len(pair_tags) else pair_tags
+    tags = [_TAG_NAMES[i] for i in present]
+    if lookup is None or (require_complete and not all(t in lookup for t in tags)):
+        return tags, None, None
+    uniq = _unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
+    urows, utags = uniq // n_tags, uniq % n_tags
+    tag_counts = np.bincount(utags, minlength=n_tags)
+    out_ids: dict[str, int] = {}
+    local = np.full(n_tags, -1, np.int64)
+    local[present] = np.arange(len(present))
+    per_tag = [[out_ids.setdefault(w, len(out_ids)) for w in lookup.get(t, ())] for t in tags]
+    out_rows, outs = _expand_ids(urows, local[utags], per_tag)
+    n_out = max(len(out_ids), 1)
+    uout = _unique_grouped(out_rows * n_out + outs) % n_out
+    out_counts = np.bincount(uout, minlength=len(out_ids))
+    return (tags, {t: int(tag_counts[i]) for t, i in zip(tags, present)},
+            {w: int(c) for w, c in zip(out_ids, out_counts) if c})
+
+
+_TAG_IDS: dict[str, int] = {}
+_TAG_NAMES: list[str] = []
+
+
+@lru_cache(maxsize=1 << 20)
+def _chunk_tag_ids(chunk: str) -> list[int]:
+    """`chunk_tags` as ids into this process's table of every tag seen (so a chunk met again costs one lookup)."""
+    out = []
+    for t in chunk_tags(chunk):
+        i = _TAG_IDS.get(t)
+        if i is None:
+            i = _TAG_IDS[t] = len(_TAG_NAMES)
+            _TAG_NAMES.append(t)
+        out.append(i)
+    return out
+
+
+def _unique_grouped(keys):
+    """The distinct values of keys that come grouped by caption (row-major): a stable sort of such
+    runs is nearly linear (timsort), several times faster than numpy's hash-based unique."""
+    import numpy as np
+
+    if not len(keys):
+        return keys
+    k = np.sort(keys, kind="stable")
+    return k[np.concatenate([[True], k[1:] != k[:-1]])]
+
+
+def _expand_ids(rows, codes, ragged: list[list[int]]):
+    """For occurrence i of item codes[i] in row rows[i], one (row, id) pair per id in ragged[codes[i]]."""
+    import numpy as np
+
+    lens = np.fromiter(map(len, ragged), np.int64, len(ragged))
+    flat = np.fromiter((i for r in ragged for i in r), np.int64, int(lens.sum()))
+    starts = np.cumsum(lens) - lens
+    per = lens[codes]
+    end = np.cumsum(per)
+    total = int(end[-1]) if len(end) else 0
+    gather = np.repeat(starts[codes] - (end - per), per) + np.arange(total)
+    return np.repeat(rows, per), flat[gather]
+
+
 def _per_chunk(fn: Callable[[str], Sequence[str]], chunk: str) -> list[str]:
     return [x for tag in chunk_tags(chunk) for x in fn(tag)]
 

@@ -17,6 +17,10 @@ each reading its own rows; the driver only merges per-task results:
 3. count (one task per text unit, after the driver mapped every distinct hashtag ONCE, reusing the
    mapping cache): rows per hashtag and rows per synset (a row counts once per synset any of its
    tags maps to), over the rows that passed the checks and are not duplicates.
+   Warm builds skip most of it: the driver ships the mapping cache (`_work/known.parquet`, up to
+   WARM_MAX_TAGS tags) to the scan round, and a unit whose every tag is in it is counted right there;
+   round 3 then runs only for the units that had an unknown tag, and, to subtract their
+   contribution, for counted units that hold a duplicate row.
 
 The driver maps tags with `maws_data.wordnet.HashtagMapper`; a mapping cache (a parquet file per
 mapping configuration, under `mapping_cache`, default ~/.cache/maws-data/hashtag-maps) keeps every
@@ -43,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maws_data import storage
-from maws_data.hashtags import distinct_tags, mine_series
+from maws_data.hashtags import mine_counts
 from maws_data.manifest import read_bytes, write_bytes
 from maws_data.plan import Plan, Span
 from maws_data.sources import SourceConfig, SourceFile, read_rows
@@ -53,6 +57,8 @@ UNSAFE_KEY_PATTERN = r"[^A-Za-z0-9_-]"
 KEYS_PER_BUCKET = 2_000_000  # rows per key bucket: bounds the memory of one keys task (~250 MB)
 WORK_DIR = "_work"
 TAGS_NAME = "tags.parquet"
+KNOWN_NAME = "known.parquet"
+WARM_MAX_TAGS = 5_000_000  # a larger mapping cache is not shipped to every worker (memory); counting then waits for round 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +147,8 @@ class UnitTask:
     buckets: int
     fingerprint: str = ""
     exceptions: bool = False  # round 3: whether the keys round found any duplicate
+    warm: bool = False  # round 1: count too, if the mapping cache knows every tag of the unit
+    dups_only: bool = False  # round 3: count only the unit's duplicate rows (to subtract them)
 
     @property
     def rows(self) -> int:
@@ -172,7 +180,10 @@ def scan_unit(task: UnitTask) -> dict:
             part = usable.filter(pl.col("bucket") == b) if task.buckets > 1 else usable
             w.write_table(part.select("row", "key", "safe").to_arrow().cast(schema), row_group_size=1 << 30)
     write_bytes(_unit_url(task.work, task.unit), buf.getvalue())
-    return {"tags": sorted(distinct_tags(captions)), "usable": usable.height}
+    table = _tags_of(task.work, task.fingerprint, KNOWN_NAME) if task.warm else None
+    tags, tag_counts, synset_counts = mine_counts(captions, table, require_complete=True)
+    counts = None if tag_counts is None else {"tags": tag_counts, "synsets": synset_counts}
+    return {"tags": tags, "usable": usable.height, "counts": counts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +195,7 @@ class KeyTask:
     bucket: int
     work: str
     units: int
+    unit_rows: tuple[int, ...] = ()  # the first row of every text unit, to say which units hold duplicates
 
     @property
     def rows(self) -> int:
@@ -194,7 +206,7 @@ class KeyTask:
 
 
 def resolve_keys(task: KeyTask) -> dict:
-    """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n}."""
+    """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n, "dup_units": [unit, ...]}."""
     parts = []
     for u in range(task.units):
         pf = pq.ParquetFile(parquet_source(_unit_url(task.work, u)))
@@ -218,41 +230,43 @@ def resolve_keys(task: KeyTask) -> dict:
     buf = io.BytesIO()
     pq.write_table(out.to_arrow(), buf, row_group_size=65536)
     write_bytes(_bucket_url(task.work, task.bucket), buf.getvalue())
-    return {"duplicates": dups.height, "renamed": renamed.height}
+    import numpy as np
+
+    dup_units = np.unique(np.searchsorted(np.asarray(task.unit_rows, np.int64), dups["row"].to_numpy(), "right") - 1)
+    return {"duplicates": dups.height, "renamed": renamed.height, "dup_units": dup_units.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Round 3: counts
 
 
-_tag_table: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
+_tag_table: dict[tuple[str, str, str], dict[str, tuple[str, ...]]] = {}
 
 
-def _tags_of(work: str, fingerprint: str) -> dict[str, tuple[str, ...]]:
-    """hashtag -> wnids of every mapped tag, read once per process and build."""
-    key = (work, fingerprint)
+def _tags_of(work: str, fingerprint: str, name: str = "") -> dict[str, tuple[str, ...]]:
+    """hashtag -> wnids, from `_work/tags.parquet` (every mapped tag of this build) or
+    `_work/known.parquet` (every tag of the mapping cache), read once per process and build."""
+    name = name or TAGS_NAME
+    key = (work, fingerprint, name)
     if key not in _tag_table:
-        _tag_table.clear()
-        df = pl.read_parquet(io.BytesIO(read_bytes(storage.join(work, TAGS_NAME))))
+        if len(_tag_table) > 1:
+            _tag_table.clear()
+        df = pl.read_parquet(io.BytesIO(read_bytes(storage.join(work, name))))
         _tag_table[key] = dict(zip(df["hashtag"].to_list(), map(tuple, df["wnids"].to_list())))
     return _tag_table[key]
 
 
 def count_unit(task: UnitTask) -> dict:
-    """Round 3 (module docstring). Returns {"tags": {tag: rows}, "synsets": {wnid: rows}}."""
+    """Round 3 (module docstring). Returns {"tags": {tag: rows}, "synsets": {wnid: rows}}: over the
+    unit's usable, non-duplicate rows, or (`dups_only`) over its duplicate rows alone."""
     df, captions = _usable_text(task)
     keep = df["reason"].is_null()
     if task.exceptions:
         ex = exceptions_for(task.work, task.buckets, task.span.row0, task.span.row0 + task.span.rows)
-        dup_rows = ex.filter(pl.col("reason") == "duplicate_key")["row"]
-        keep = keep & ~df["row"].is_in(dup_rows.implode())
-    table = _tags_of(task.work, task.fingerprint)
-    # one regex pass and one distinct-chunk table give both the tags and the synsets of every row
-    mined = mine_series(captions.filter(keep), {"wnids": lambda t: table.get(t, ())})
-    tag_counts = mined["hashtags"].explode().drop_nulls().value_counts()
-    syn_counts = mined["wnids"].explode().drop_nulls().value_counts()
-    return {"tags": dict(zip(*(tag_counts[c].to_list() for c in tag_counts.columns))),
-            "synsets": dict(zip(*(syn_counts[c].to_list() for c in syn_counts.columns)))}
+        dup = df["row"].is_in(ex.filter(pl.col("reason") == "duplicate_key")["row"].implode())
+        keep = keep & (dup if task.dups_only else ~dup)
+    _, tag_counts, synset_counts = mine_counts(captions.filter(keep), _tags_of(task.work, task.fingerprint))
+    return {"tags": tag_counts, "synsets": synset_counts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,27 +285,48 @@ class TextResult:
 
 def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, runner, mapping_cfg,
               cache_dir: str | None) -> TextResult:
+    """The three rounds (module docstring). Warm (every tag of a unit already in the mapping cache),
+    the scan round counts as well and the count round runs only for the units that hold duplicates."""
     buckets = key_buckets(plan.rows)
-    units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint) for i, s in enumerate(plan.units)]
+    cached = load_mapping_cache(mapping_cfg, cache_dir)
+    warm = 0 < len(cached) <= WARM_MAX_TAGS
+    if warm:
+        names = sorted(cached)
+        write_bytes(storage.join(work, KNOWN_NAME), _parquet_bytes(pl.DataFrame(
+            {"hashtag": names, "wnids": [list(cached[t][0]) for t in names]},
+            schema={"hashtag": pl.String, "wnids": pl.List(pl.String)})))
+    units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
+             for i, s in enumerate(plan.units)]
     distinct: set[str] = set()
-    for _, res in runner.map(scan_unit, units, desc="text: scan", total_rows=plan.rows):
+    tag_counts: Counter = Counter()
+    synset_counts: Counter = Counter()
+    counted: set[int] = set()
+    for task, res in runner.map(scan_unit, units, desc="text: scan", total_rows=plan.rows):
         distinct.update(res["tags"])
-    exceptions = False
-    for _, res in runner.map(resolve_keys, [KeyTask(b, work, len(units)) for b in range(buckets)], desc="text: keys"):
+        if res["counts"] is not None:
+            counted.add(task.unit)
+            tag_counts.update(res["counts"]["tags"])
+            synset_counts.update(res["counts"]["synsets"])
+    exceptions, dup_units = False, set()
+    starts = tuple(u.row0 for u in plan.units)
+    for _, res in runner.map(resolve_keys, [KeyTask(b, work, len(units), starts) for b in range(buckets)],
+                             desc="text: keys"):
         exceptions |= bool(res["duplicates"] or res["renamed"])
-    mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir)
+        dup_units.update(res["dup_units"])
+    mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached)
     mapped = sorted(t for t in distinct if mapping[t][0])
     write_bytes(storage.join(work, TAGS_NAME), _parquet_bytes(pl.DataFrame(
         {"hashtag": mapped, "wnids": [list(mapping[t][0]) for t in mapped]},
         schema={"hashtag": pl.String, "wnids": pl.List(pl.String)})))
-    tag_counts: Counter = Counter()
-    synset_counts: Counter = Counter()
-    counting = (UnitTask(u.unit, u.file, u.span, source, work, buckets, fingerprint, exceptions) for u in units)
-    for _, res in runner.map(count_unit, counting, desc="text: count", total_rows=plan.rows):
-        tag_counts.update(res["tags"])
-        synset_counts.update(res["synsets"])
-    return TextResult(dict(tag_counts), dict(synset_counts), {t: mapping[t] for t in distinct}, buckets,
-                      exceptions, mapped_now)
+    # counted in the scan: subtract their duplicate rows; not counted yet: count without them
+    todo = [UnitTask(u.unit, u.file, u.span, source, work, buckets, fingerprint, exceptions,
+                     dups_only=u.unit in counted) for u in units if u.unit not in counted or u.unit in dup_units]
+    for task, res in runner.map(count_unit, todo, desc="text: count", total_rows=sum(t.rows for t in todo)):
+        sign = -1 if task.dups_only else 1
+        tag_counts.update({t: sign * c for t, c in res["tags"].items()})
+        synset_counts.update({w: sign * c for w, c in res["synsets"].items()})
+    return TextResult({t: c for t, c in tag_counts.items() if c > 0}, {w: c for w, c in synset_counts.items() if c > 0},
+                      {t: mapping[t] for t in distinct}, buckets, exceptions, mapped_now)
 
 
 def _parquet_bytes(df: pl.DataFrame) -> bytes:
@@ -322,22 +357,36 @@ def mapping_key(mapping_cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None
+def _cache_path(mapping_cfg, cache_dir: str | None, suffix: str = "") -> Path | None:
+    if cache_dir == "":
+        return None
+    return Path(cache_dir or default_cache_dir()) / f"{mapping_key(mapping_cfg)}{suffix}.parquet"
+
+
+def load_mapping_cache(mapping_cfg, cache_dir: str | None) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Every tag the cache holds for this mapping configuration: {tag: (wnids, rule)}."""
+    path = _cache_path(mapping_cfg, cache_dir)
+    if path is None or not path.is_file():
+        return {}
+    try:
+        df = pl.read_parquet(path)
+        return {t: (tuple(w), r) for t, w, r in zip(df["hashtag"].to_list(), df["wnids"].to_list(),
+                                                   df["rule"].to_list())}
+    except Exception:  # noqa: BLE001 - a broken cache is only a slower build
+        return {}
+
+
+def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
+             cached: dict[str, tuple[tuple[str, ...], str]] | None = None
              ) -> tuple[dict[str, tuple[tuple[str, ...], str]], int]:
     """{tag: (wnids, rule)} for every tag given, and how many had to be mapped now (not cached).
-    `cache_dir` "" disables the cache; None is the default folder."""
+    `cache_dir` "" disables the cache; None is the default folder; `cached`: the cache, already loaded."""
     from maws_data.wordnet import HashtagMapper
 
     tags = set(tags)
-    cache_path = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / f"{mapping_key(mapping_cfg)}.parquet"
-    cached: dict[str, tuple[tuple[str, ...], str]] = {}
-    if cache_path is not None and cache_path.is_file():
-        try:
-            df = pl.read_parquet(cache_path)
-            cached = {t: (tuple(w), r) for t, w, r in zip(df["hashtag"].to_list(), df["wnids"].to_list(),
-                                                         df["rule"].to_list())}
-        except Exception:  # noqa: BLE001 - a broken cache is only a slower build
-            cached = {}
+    cache_path = _cache_path(mapping_cfg, cache_dir)
+    if cached is None:
+        cached = load_mapping_cache(mapping_cfg, cache_dir)
     todo = sorted(tags - cached.keys())
     out = {t: cached[t] for t in tags if t in cached}
     if todo:
@@ -365,7 +414,7 @@ def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None) -> di
     from maws_data.wordnet import synset_name
 
     wnids = set(wnids)
-    path = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / f"{mapping_key(mapping_cfg)}-names.parquet"
+    path = _cache_path(mapping_cfg, cache_dir, "-names")
     known: dict[str, str] = {}
     if path is not None and path.is_file():
         try:
