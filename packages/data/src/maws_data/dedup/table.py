@@ -45,7 +45,6 @@ from typing import Literal
 
 import numpy as np
 
-from maws_data.dedup.hashes import hamming
 from maws_data.dedup.mih import plan_blocks, table_masks
 from maws_data.manifest import TMP_SUFFIX, atomic_write_bytes
 
@@ -63,7 +62,11 @@ _UNIT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 # gkey = mix(table salt ^ (phash & table mask)): one 64-bit sort key per (table, key). Two different
 # (table, key) may share a gkey (probability 2^-64 per pair); that only adds a candidate pair,
 # which the Hamming check then rejects, so results stay exact.
+# Near records carry their table id in the row column's top 16 bits (rows < 2^48), so a pair that
+# collides in several tables is emitted only by the first of them: each pair once, whatever k.
 H0, H1, GKEY, PHASH, ROW = 0, 1, 0, 1, 2
+ROW_BITS = 48
+ROW_MASK = np.uint64((1 << ROW_BITS) - 1)
 
 
 # --------------------------------------------------------------------------- unit files (written by the builder)
@@ -152,6 +155,8 @@ def spill(table_dir: str | Path, units: Sequence[str | Path], name: str, plan: P
     partitioned, in chunks of `rows_per_spill` rows (so memory is O(rows_per_spill * tables))."""
     parts = [read_unit(u) for u in units]
     rows = np.concatenate([p["rows"] for p in parts]).astype(np.uint64)
+    if len(rows) and (rows.max() >> np.uint64(ROW_BITS)):
+        raise ValueError(f"row numbers must be < 2^{ROW_BITS}")
     sha = np.concatenate([p["sha"] for p in parts]).reshape(-1, 2)
     ph = np.concatenate([p["phash"] for p in parts])
     out = Path(table_dir) / SPILLS
@@ -167,7 +172,8 @@ def spill(table_dir: str | Path, units: Sequence[str | Path], name: str, plan: P
         nr = np.empty((len(r) * len(masks), 3), np.uint64)
         nr[:, GKEY] = _mix((h[None, :] & masks[:, None]) ^ salts[:, None]).reshape(-1)
         nr[:, PHASH] = np.tile(h, len(masks))
-        nr[:, ROW] = np.tile(r, len(masks))
+        nr[:, ROW] = np.tile(r, len(masks)) | (np.repeat(np.arange(len(masks), dtype=np.uint64), len(r))
+                                               << np.uint64(ROW_BITS))
         _write_partitioned(out / f"{name}-{c:04d}.near", nr, GKEY, plan.partitions)
 
 
@@ -234,13 +240,14 @@ def reduce_exact(table_dir: str | Path, p: int) -> np.ndarray:
     return np.stack([r[dup, ROW], r[first[dup], ROW]], axis=1).astype(np.int64)
 
 
-def reduce_near(table_dir: str | Path, p: int, threshold: int) -> np.ndarray:
-    """(n, 3) int64 [later_row, earlier_row, distance] of partition p.
+def reduce_near(table_dir: str | Path, p: int, plan: Plan) -> np.ndarray:
+    """(n, 3) int64 [later_row, earlier_row, distance] of partition p, each pair once in the whole pass.
 
     Rows with the same phash as an earlier row get one *alias* pair (row, first row of that phash, 0)
-    and no other pair; among the first rows of distinct phashes, every pair within `threshold`.
+    and no other pair; among the first rows of distinct phashes, every pair within the threshold.
     So a hash repeated m times costs m pairs, not m^2 (a placeholder image re-encoded a million
-    times), and `resolve` gives the aliases the decision of their first row.
+    times), and `resolve` gives the aliases the decision of their first row. A pair that collides in
+    several tables is kept only by the first one (aliases: table 0), so pairs never pile up k-fold.
     """
     r = _partition_slice(table_dir, "near", p)
     g = r[:, GKEY]
@@ -250,29 +257,35 @@ def reduce_near(table_dir: str | Path, p: int, threshold: int) -> np.ndarray:
         return np.zeros((0, 3), np.int64)
     keep = np.concatenate([[False], same]) | np.concatenate([same, [False]])  # members of groups of >= 2
     r = r[order[keep]]
-    r = r[np.lexsort((r[:, ROW], r[:, PHASH], r[:, GKEY]))]
+    r = r[np.lexsort((r[:, ROW] & ROW_MASK, r[:, PHASH], r[:, GKEY]))]
+    table = (r[:, ROW] >> np.uint64(ROW_BITS)).astype(np.int64)
+    rows = (r[:, ROW] & ROW_MASK).astype(np.int64)
     new_group = np.concatenate([[True], r[1:, GKEY] != r[:-1, GKEY]])
     new_hash = new_group | np.concatenate([[True], r[1:, PHASH] != r[:-1, PHASH]])
     first = np.flatnonzero(new_hash)
-    first_row = np.repeat(r[first, ROW], np.diff(np.append(first, len(r)))).astype(np.int64)
-    rows = r[:, ROW].astype(np.int64)
-    alias = ~new_hash
+    first_row = np.repeat(rows[first], np.diff(np.append(first, len(r))))
+    alias = ~new_hash & (table == 0)
     out = [np.stack([rows[alias], first_row[alias], np.zeros(int(alias.sum()), np.int64)], axis=1)]
-    reps = r[new_hash]  # one record per (group, distinct phash): its first row
-    gid = np.cumsum(new_group[new_hash])
+    rep_hash, rep_row, rep_table = r[new_hash, PHASH], rows[new_hash], table[new_hash]
+    gid = np.cumsum(new_group[new_hash])  # one rep per (group, distinct phash): its first row
     size = np.bincount(gid)[gid]
-    idx = np.arange(len(reps))
+    idx = np.arange(len(rep_hash))
+    masks = plan.masks
     for o in range(1, int(size.max())):  # pair every rep with the o-th next rep of its group
         idx = idx[size[idx] > o]
-        a = idx[idx + o < len(reps)]
+        a = idx[idx + o < len(rep_hash)]
         a = a[gid[a] == gid[a + o]]
         if not len(a):
             break
         b = a + o
-        d = hamming(reps[a, PHASH], reps[b, PHASH]).astype(np.int64)
-        ra, rb = reps[a, ROW].astype(np.int64), reps[b, ROW].astype(np.int64)
-        ok = d <= threshold
-        out.append(np.stack([np.maximum(ra, rb)[ok], np.minimum(ra, rb)[ok], d[ok]], axis=1))
+        x = rep_hash[a] ^ rep_hash[b]
+        d = np.bitwise_count(x).astype(np.int64)
+        ok = np.flatnonzero(d <= plan.threshold)
+        # the first table in which the pair's keys agree; only that table's partition emits it
+        first_table = np.argmax((x[ok, None] & masks[None, :]) == 0, axis=1)
+        ok = ok[first_table == rep_table[a[ok]]]
+        ra, rb = rep_row[a[ok]], rep_row[b[ok]]
+        out.append(np.stack([np.maximum(ra, rb), np.minimum(ra, rb), d[ok]], axis=1))
     return np.concatenate(out)
 
 
@@ -424,7 +437,7 @@ def dedup(table_dir: str | Path, *, mode: Literal["exact", "near"] = "exact", th
                       [plan] * len(groups), [rows_per_spill] * len(groups)))
         parts = range(plan.partitions)
         exact = list(pool.map(reduce_exact, [table_dir] * plan.partitions, parts))
-        near = (list(pool.map(reduce_near, [table_dir] * plan.partitions, parts, [threshold] * plan.partitions))
+        near = (list(pool.map(reduce_near, [table_dir] * plan.partitions, parts, [plan] * plan.partitions))
                 if mode == "near" else [])
     removed = resolve(np.concatenate(exact) if exact else np.zeros((0, 2), np.int64),
                       np.concatenate(near) if near else np.zeros((0, 3), np.int64))
