@@ -19,6 +19,9 @@ One epoch, given per-shard counts n_s (identical on every rank):
      the left-over tail differs per epoch (the shard order does). Without drop_last every sample comes
      exactly once; ranks whose last chunk is missing yield an empty batch, so batch counts stay equal.
 
+Shuffle quality (tests/loader/test_plan.py): with window_shards=128, any 1,000 consecutive samples a rank
+yields come from >= 64 shards, for builds of >= 128 shards of comparable size.
+
 Memory: O(#shards) per epoch (order, window bounds) plus O(samples of one window) for the window being
 read (two int arrays); nothing grows with the size of the build beyond the shard count.
 """
