@@ -313,7 +313,7 @@ def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: I
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
-ROWS_PER_SUBMIT = 4  # rows per thread-pool task: a future per row costs more than a missing file's stat
+ROWS_PER_SUBMIT = 8  # rows per thread-pool task: a future per row costs more than a missing file's stat
 
 
 def _map_threads(fn, items: Sequence, threads: int) -> list:

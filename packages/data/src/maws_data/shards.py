@@ -155,8 +155,9 @@ def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
                 missing += r.caption is None
                 written_labels.append(r.labels)
                 written_sizes.append((w, h))
-        f.flush()
-        os.fsync(f.fileno())
+        if samples:  # an empty tar is deleted below: no need to make it durable
+            f.flush()
+            os.fsync(f.fileno())
     skipped.sort(key=lambda s: s["row"])
     name = f"{task.stem}.tar"
     if samples:
