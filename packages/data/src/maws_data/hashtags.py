@@ -184,16 +184,45 @@ def mine_counts(texts: pl.Series, lookup: Mapping[str, Sequence[str]] | None = N
     uniq = _unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
     urows, utags = uniq // n_tags, uniq % n_tags
     tag_counts = np.bincount(utags, minlength=n_tags)
-    out_ids: dict[str, int] = {}
+    out_names, per_tag = _outputs_of(lookup)
     local = np.full(n_tags, -1, np.int64)
     local[present] = np.arange(len(present))
-    per_tag = [[out_ids.setdefault(w, len(out_ids)) for w in lookup.get(t, ())] for t in tags]
-    out_rows, outs = _expand_ids(urows, local[utags], per_tag)
-    n_out = max(len(out_ids), 1)
+    out_rows, outs = _expand_ids(urows, local[utags], [per_tag(i) for i in present.tolist()])
+    n_out = max(len(out_names), 1)
     uout = _unique_grouped(out_rows * n_out + outs) % n_out
-    out_counts = np.bincount(uout, minlength=len(out_ids))
+    out_counts = np.bincount(uout, minlength=n_out)
     return (tags, {t: int(tag_counts[i]) for t, i in zip(tags, present)},
-            {w: int(c) for w, c in zip(out_ids, out_counts) if c})
+            {out_names[i]: int(c) for i, c in enumerate(out_counts.tolist()) if c})
+
+
+_outputs: dict[int, tuple] = {}
+
+
+def _outputs_of(lookup: Mapping[str, Sequence[str]]):
+    """(output names, tag id -> output ids) for one lookup table, memoised per process: a worker
+    counts unit after unit against the same table."""
+    key = id(lookup)
+    if key not in _outputs or _outputs[key][0] is not lookup:
+        names: list[str] = []
+        ids: dict[str, int] = {}
+        memo: dict[int, list[int]] = {}
+
+        def out_id(w: str) -> int:
+            i = ids.get(w)
+            if i is None:
+                i = ids[w] = len(names)
+                names.append(w)
+            return i
+
+        def per_tag(tag_id: int) -> list[int]:
+            hit = memo.get(tag_id)
+            if hit is None:
+                hit = memo[tag_id] = [out_id(w) for w in lookup.get(_TAG_NAMES[tag_id], ())]
+            return hit
+
+        _outputs.clear()
+        _outputs[key] = (lookup, names, per_tag)
+    return _outputs[key][1], _outputs[key][2]
 
 
 _TAG_IDS: dict[str, int] = {}

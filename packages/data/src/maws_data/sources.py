@@ -457,7 +457,7 @@ def _from_arrow(table: pa.Table, wanted: list[str], *, image_is_text: bool) -> p
     """Arrow table -> (key, image, caption, problem); `image_is_text` for CSV, whose cells arrive as binary."""
     key, image, caption = wanted
     cols: dict[str, pl.Series] = {}
-    problems = [None] * table.num_rows
+    problems = _Problems(table.num_rows)
     for name, col, code in (("key", key, "key_not_utf8"), ("caption", caption, "caption_not_utf8")):
         cols[name] = _text_column(table.column(col), code, problems)
     img = _plain(table.column(image))
@@ -472,7 +472,29 @@ def _from_arrow(table: pa.Table, wanted: list[str], *, image_is_text: bool) -> p
     else:
         cols["image"] = _text_column(img, "image_not_utf8", problems)
     df = pl.DataFrame([cols[c].alias(c) for c in ("key", "image", "caption")])
-    return df.with_columns(pl.Series("problem", problems, dtype=pl.String))
+    return df.with_columns(problems.series())
+
+
+class _Problems:
+    """Per-row problem codes, allocated only when a column actually needs decoding (text columns
+    stored as strings never do: building a list of 100k Nones per chunk is most of a chunk's cost)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.codes: list[str | None] | None = None
+
+    def __getitem__(self, i: int) -> str | None:
+        return None if self.codes is None else self.codes[i]
+
+    def __setitem__(self, i: int, code: str | None) -> None:
+        if self.codes is None:
+            self.codes = [None] * self.n
+        self.codes[i] = code
+
+    def series(self) -> pl.Series:
+        if self.codes is None:
+            return pl.repeat(None, self.n, dtype=pl.String, eager=True).alias("problem")
+        return pl.Series("problem", self.codes, dtype=pl.String)
 
 
 def _plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -486,7 +508,7 @@ def _plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return col
 
 
-def _text_column(col: pa.ChunkedArray, code: str, problems: list[str | None]) -> pl.Series:
+def _text_column(col: pa.ChunkedArray, code: str, problems) -> pl.Series:
     """A column as strings; values that are not valid UTF-8 become null and mark the row's problem."""
     col = _plain(col)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):

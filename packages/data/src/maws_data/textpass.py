@@ -251,8 +251,8 @@ def _tags_of(work: str, fingerprint: str, name: str = "") -> dict[str, tuple[str
     if key not in _tag_table:
         if len(_tag_table) > 1:
             _tag_table.clear()
-        df = pl.read_parquet(io.BytesIO(read_bytes(storage.join(work, name))))
-        _tag_table[key] = dict(zip(df["hashtag"].to_list(), map(tuple, df["wnids"].to_list())))
+        table = pq.read_table(io.BytesIO(read_bytes(storage.join(work, name))))
+        _tag_table[key] = dict(zip(table.column("hashtag").to_pylist(), map(tuple, table.column("wnids").to_pylist())))
     return _tag_table[key]
 
 
@@ -292,9 +292,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     warm = 0 < len(cached) <= WARM_MAX_TAGS
     if warm:
         names = sorted(cached)
-        write_bytes(storage.join(work, KNOWN_NAME), _parquet_bytes(pl.DataFrame(
-            {"hashtag": names, "wnids": [list(cached[t][0]) for t in names]},
-            schema={"hashtag": pl.String, "wnids": pl.List(pl.String)})))
+        write_bytes(storage.join(work, KNOWN_NAME), _tag_table_bytes(names, [cached[t][0] for t in names]))
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
     distinct: set[str] = set()
@@ -315,9 +313,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         dup_units.update(res["dup_units"])
     mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached)
     mapped = sorted(t for t in distinct if mapping[t][0])
-    write_bytes(storage.join(work, TAGS_NAME), _parquet_bytes(pl.DataFrame(
-        {"hashtag": mapped, "wnids": [list(mapping[t][0]) for t in mapped]},
-        schema={"hashtag": pl.String, "wnids": pl.List(pl.String)})))
+    write_bytes(storage.join(work, TAGS_NAME), _tag_table_bytes(mapped, [mapping[t][0] for t in mapped]))
     # counted in the scan: subtract their duplicate rows; not counted yet: count without them
     todo = [UnitTask(u.unit, u.file, u.span, source, work, buckets, fingerprint, exceptions,
                      dups_only=u.unit in counted) for u in units if u.unit not in counted or u.unit in dup_units]
@@ -327,6 +323,15 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         synset_counts.update({w: sign * c for w, c in res["synsets"].items()})
     return TextResult({t: c for t, c in tag_counts.items() if c > 0}, {w: c for w, c in synset_counts.items() if c > 0},
                       {t: mapping[t] for t in distinct}, buckets, exceptions, mapped_now)
+
+
+def _tag_table_bytes(tags: list[str], wnids: list) -> bytes:
+    """(hashtag, wnids list) as parquet; built with pyarrow, ~10x faster than polars from Python lists."""
+    table = pa.table({"hashtag": pa.array(tags, pa.string()), "wnids": pa.array([list(w) for w in wnids],
+                                                                              pa.list_(pa.string()))})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
 
 
 def _parquet_bytes(df: pl.DataFrame) -> bytes:
@@ -369,9 +374,9 @@ def load_mapping_cache(mapping_cfg, cache_dir: str | None) -> dict[str, tuple[tu
     if path is None or not path.is_file():
         return {}
     try:
-        df = pl.read_parquet(path)
-        return {t: (tuple(w), r) for t, w, r in zip(df["hashtag"].to_list(), df["wnids"].to_list(),
-                                                   df["rule"].to_list())}
+        t = pq.read_table(path)
+        return {h: (tuple(w), r) for h, w, r in zip(t.column("hashtag").to_pylist(), t.column("wnids").to_pylist(),
+                                                   t.column("rule").to_pylist())}
     except Exception:  # noqa: BLE001 - a broken cache is only a slower build
         return {}
 
@@ -397,12 +402,14 @@ def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
         if cache_path is not None:
             merged = {**cached, **{t: out[t] for t in todo}}
             names = sorted(merged)
-            frame = pl.DataFrame({"hashtag": names, "wnids": [list(merged[t][0]) for t in names],
-                                  "rule": [merged[t][1] for t in names]},
-                                 schema={"hashtag": pl.String, "wnids": pl.List(pl.String), "rule": pl.String})
+            table = pa.table({"hashtag": pa.array(names, pa.string()),
+                              "wnids": pa.array([list(merged[t][0]) for t in names], pa.list_(pa.string())),
+                              "rule": pa.array([merged[t][1] for t in names], pa.string())})
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
             try:
                 cache_path.parent.mkdir(parents=True, exist_ok=True)
-                write_bytes(str(cache_path), _parquet_bytes(frame))
+                write_bytes(str(cache_path), buf.getvalue())
             except OSError:
                 pass  # a read-only home is only a slower next build
     return out, len(todo)
