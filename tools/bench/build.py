@@ -13,6 +13,13 @@ is the steadier measure of how much work each tool needs.
     uv run python tools/bench/build.py --skip-img2dataset      # our side only
 
 img2dataset runs isolated through `uvx --from img2dataset img2dataset` (PyPI, its own deps).
+
+The floor, measured in the same run: bare Pillow(-SIMD) decode (with JPEG draft) + resize + JPEG
+encode of the same image files, already in memory, in a tight loop on --processes processes: what
+any builder must spend per image. `ours / floor` is the builder's wall time per image over the
+floor's. The gap is split by the other rows: `images stage only` adds the HTTP client and the
+thread hand-offs to the floor; the build's image pass adds tar writing, JSON, the DALI index,
+the sidecar and the sha256 of every tar.
 """
 
 from __future__ import annotations
@@ -242,6 +249,55 @@ def run_images_stage(source: Path, args, server_pid: int) -> Timing:
     return Timing(wall, int(source.with_suffix(".stage").read_text()), cpu, server)
 
 
+# --------------------------------------------------------------------------- the floor
+
+
+FLOOR_DRIVER = r"""
+import multiprocessing as mp, sys, json
+sys.path.insert(0, "tools/bench")
+from build import floor_chunk
+if __name__ == "__main__":
+    paths, procs, size = json.loads(open(sys.argv[1]).read()), int(sys.argv[2]), int(sys.argv[3])
+    chunks = [paths[i::procs] for i in range(procs)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        print(json.dumps(pool.starmap(floor_chunk, [(c, size) for c in chunks])))
+"""
+
+
+def floor_chunk(paths: list[str], image_size: int) -> tuple[int, float, float]:
+    """(images, loop wall s, loop CPU s): draft decode + resize + encode, bytes already in memory."""
+    import io
+
+    from PIL import Image
+
+    datas = [Path(p).read_bytes() for p in paths]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for data in datas:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        scale = image_size / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1 else (w, h)
+        im.draft("RGB", size)
+        im = im.convert("RGB")
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90, subsampling=2)
+    return len(datas), time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_floor(data: Path, args, repeat: int, work: Path) -> Timing:
+    """The floor over the same images as the build (each file `repeat` times, as the URL list)."""
+    files = [str(data / p) for p in pl.read_parquet(data / "captions.parquet")["image"]] * repeat
+    listing = work / "floor_files.json"
+    listing.write_text(json.dumps(files))
+    cmd = [sys.executable, "-c", FLOOR_DRIVER, str(listing), str(args.processes), str(args.image_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+    parts = json.loads(proc.stdout.strip().splitlines()[-1])
+    n = sum(p[0] for p in parts)
+    return Timing(max(p[1] for p in parts), n, sum(p[2] for p in parts), 0.0)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -252,6 +308,17 @@ def report(results: dict[str, Timing], text_pass: float | None) -> None:
               f"({1000 * t.cpu_s / max(t.images, 1):.2f} + {1000 * t.server_cpu_s / max(t.images, 1):.2f})")
     if text_pass is not None:
         print(f"{'build text pass':>18}  {'':6}  {text_pass:7.2f}  (start-up, hashtags, WordNet, vocabulary)")
+    floor = results.get("floor (Pillow loop)")
+    if floor:
+        for name in ("maws-data build", "build image pass", "images stage only", "img2dataset"):
+            t = results.get(name)
+            if t:
+                print(f"ratio {name:>17} / floor: {floor.per_s / t.per_s:5.2f}x wall per image, "
+                      f"{t.cpu_ms_per_image / floor.cpu_ms_per_image:5.2f}x CPU per image")
+        ours = results.get("build image pass")
+        if ours:
+            print(f"target: build image pass <= 1.3x the floor per image -> "
+                  f"{'MET' if floor.per_s / ours.per_s <= 1.3 else 'NOT met'} ({floor.per_s / ours.per_s:.2f}x)")
     base = results.get("img2dataset")
     if not base:
         return
@@ -292,6 +359,7 @@ def main() -> None:
         warm_urls, warm_source, _ = make_inputs(args.data, base_url, 1, work / "warm", limit=100)
         print(f"{n} images served from {base_url}; {args.processes} processes; shorter side {args.image_size}",
               flush=True)
+        results["floor (Pillow loop)"] = run_floor(args.data, args, args.repeat, work)
         if not args.skip_img2dataset:
             run_img2dataset(warm_urls, work / "i2d-warm", args, server.pid)  # untimed: uvx env, imports
             results["img2dataset"] = run_img2dataset(urls, work / "i2d", args, server.pid)
@@ -306,6 +374,7 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     report(results, text_pass)
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def inspect(
         raise typer.Exit(1) from None
     console = Console(width=120)
     c = manifest["counts"]
-    console.print(f"[bold]{build_dir}[/bold]  inputs: " + ", ".join(f"{i['path']} (sha256 {i['sha256'][:12]})"
+    console.print(f"[bold]{build_dir}[/bold]  inputs: " + ", ".join(f"{i['path']} ({'sha256 ' + i['sha256'][:12] if i.get('sha256') else 'etag ' + str(i.get('etag'))[:12]})"
                                                                    for i in manifest["inputs"]))
     console.print(f"rows {c['rows']}  written {c['written']}  labeled {c['labeled']}  unlabeled {c['unlabeled']}  "
                   f"skipped {sum(c['skipped'].values())} {json.dumps(c['skipped'], sort_keys=True)}")
