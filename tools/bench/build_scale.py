@@ -1,7 +1,8 @@
 """The build at scale: 10^5, 10^6 and 10^7 rows, 1 and 2 processes; time per row, text-pass rate, peak RSS.
 
 Synthesizes sources of real captions (../shared/data/text: HARRISON hashtag lists and TweetEval
-tweets, alternating) over many parquet files (--rows-per-file, row groups of 50k), with unique keys.
+tweets, alternating) over many parquet files (--rows-per-file, default 25k: 10^7 rows are 400 files),
+with unique keys.
 Most rows name an image file that does not exist (the image pass records `missing_path`); one row in
 --unreachable-every points at a closed port on 127.0.0.1 (`download_failed`); one row in
 --photo-every is a real Instagram photo served from 127.0.0.1. Each build is the real CLI
@@ -68,7 +69,7 @@ def synthesize(out: Path, rows: int, per_file: int, photo_every: int, unreachabl
         image = image.scatter(np.flatnonzero(dead), [f"http://127.0.0.1:9/{i}.jpg" for i in idx[dead]])
         df = pl.DataFrame({"key": [f"ig-{i:011d}" for i in idx], "image": image,
                            "caption": caps.gather(pl.Series(idx % len(caps)))})
-        pq.write_table(df.to_arrow(), out / f"part-{f:05d}.parquet", row_group_size=50_000)
+        pq.write_table(df.to_arrow(), out / f"part-{f:05d}.parquet", row_group_size=25_000)
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -140,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1e5,1e6,1e7", help="comma-separated row counts")
     ap.add_argument("--processes", default="1,2", help="comma-separated worker process counts")
-    ap.add_argument("--rows-per-file", type=int, default=250_000)
+    ap.add_argument("--rows-per-file", type=int, default=25_000, help="rows per parquet file (10^7 rows: 400 files)")
     ap.add_argument("--photo-every", type=int, default=10_000, help="one real photo per this many rows")
     ap.add_argument("--unreachable-every", type=int, default=2_000, help="one unreachable URL per this many rows")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
@@ -154,7 +155,7 @@ def main() -> None:
         cache = work / "mapping-cache"
         every = len(captions())  # the warm-up source holds every caption once
         for n in sorted(set(sizes) | {every}):
-            per_file = min(args.rows_per_file, max(1000, n // 4))  # at least 4 files
+            per_file = args.rows_per_file
             synthesize(work / f"src-{n}", n, per_file, args.photo_every, args.unreachable_every, base_url)
         run_build(work / f"src-{every}", work / "warm", 1, cache)  # untimed: fills the mapping cache
         for n in sizes:

@@ -54,7 +54,7 @@ from maws_data.sources import SourceConfig, SourceFile, read_rows
 
 KEY_MAX_LEN = 64  # tar USTAR names hold 100 bytes; leave room for ".json" and margin
 UNSAFE_KEY_PATTERN = r"[^A-Za-z0-9_-]"
-KEYS_PER_BUCKET = 500_000  # rows per key bucket: bounds the memory of one keys task (~60 MB)
+KEYS_PER_BUCKET = 250_000  # rows per key bucket: bounds the memory of one keys task (~30 MB)
 WORK_DIR = "_work"
 TAGS_NAME = "tags.parquet"
 KNOWN_NAME = "known.parquet"
