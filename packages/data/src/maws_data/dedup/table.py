@@ -367,11 +367,16 @@ def _name(table_dir: str | Path, removed: dict[int, tuple[int, int, int]]) -> De
     reason = np.array([removed[r][0] for r in rows], np.uint8)
     kept = np.array([removed[r][1] for r in rows], np.int64)
     dist = np.array([removed[r][2] for r in rows], np.int8)
-    need = np.unique(np.concatenate([rows, kept]))
+    need = np.unique(np.concatenate([rows, kept]))  # sorted
     names: dict[int, bytes] = {}
     for path in unit_paths(table_dir):  # one unit in memory at a time
         u = read_unit(path)
-        hit = np.isin(u["rows"], need)
+        if not len(u["rows"]):
+            continue
+        # only the needed rows inside this unit's row range: O(unit + its share of `need`), not O(need)
+        lo = np.searchsorted(need, u["rows"].min(), side="left")
+        hi = np.searchsorted(need, u["rows"].max(), side="right")
+        hit = np.isin(u["rows"], need[lo:hi])
         names.update(zip(u["rows"][hit].tolist(), u["keys"][hit].tolist()))
     key = np.array([names[r] for r in rows.tolist()], dtype="S") if len(rows) else np.zeros(0, "S1")
     kept_key = np.array([names[r] for r in kept.tolist()], dtype="S") if len(rows) else np.zeros(0, "S1")
