@@ -15,10 +15,12 @@ class RangeHandler(SimpleHTTPRequestHandler):
     """Static files with single `Range: bytes=a-b` requests (as S3, nginx and CDNs serve them).
 
     `drop` maps a path suffix to how many more GETs of it are cut off half way (the connection closed
-    mid-body), to test the loader's retries."""
+    mid-body), to test the loader's retries. `served` lists the paths of GETs, `ranges` their
+    (path, first byte, end) as served."""
 
     drop: ClassVar[dict[str, int]] = {}
     served: ClassVar[list[str]] = []
+    ranges: ClassVar[list[tuple[str, int, int]]] = []
 
     def log_message(self, *args):  # quiet
         pass
@@ -37,6 +39,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             body = f.read(end - start + 1)
+        self.ranges.append((self.path, start, start + len(body)))
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
@@ -66,7 +69,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
 @pytest.fixture(scope="session")
 def http_build(tiny_build: Path):
     """`http://127.0.0.1:PORT/build`: the tiny build served by a local HTTP server with byte ranges."""
-    handler = type("Handler", (RangeHandler,), {"drop": {}, "served": []})
+    handler = type("Handler", (RangeHandler,), {"drop": {}, "served": [], "ranges": []})
     server = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256})(  # (default backlog: 5)
         ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(tiny_build.parent)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

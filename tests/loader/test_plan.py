@@ -21,7 +21,8 @@ from maws_data.sidecar import sample_weights, sample_weights_csr
 def rank_sequence(counts, *, rank, world, batch, drop_last=True, seed=0, epoch=0, shuffle=True, window=128):
     """(shard, k) of every sample rank yields in one epoch, batch by batch."""
     n = int(np.sum(counts))
-    plan = EpochPlan(counts, seed=seed, epoch=epoch, shuffle=shuffle, window_shards=window)
+    plan = EpochPlan(counts, seed=seed, epoch=epoch, shuffle=shuffle, window_shards=window, batch_size=batch,
+                     world_size=world, read_streams=8)
     length = epoch_length(n, world_size=world, batch_size=batch, drop_last=drop_last)
     nb = batches_per_epoch(n, world_size=world, batch_size=batch, drop_last=drop_last)
     out = [plan.locate(*batch_span(b, rank=rank, world_size=world, batch_size=batch, length=length)) for b in range(nb)]
@@ -92,7 +93,8 @@ def test_plans_differ_per_epoch_and_repeat_per_seed():
     b = np.concatenate([s * 100 + k for s, k in rank_sequence(counts, rank=0, world=2, batch=10, epoch=0, window=4)])
     c = np.concatenate([s * 100 + k for s, k in rank_sequence(counts, rank=0, world=2, batch=10, epoch=1, window=4)])
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    # a shard is read front to back from a rotation: its k's in sequence order are consecutive mod n
+    # without reader streams a shard is read front to back from a rotation: its k's in sequence order
+    # are consecutive mod n (with them, per reader: test_each_reader_stream_reads_a_shard_front_to_back)
     plan = EpochPlan(counts, seed=0, epoch=0, shuffle=True, window_shards=4)
     s, k = plan.locate(0, plan.length)
     for shard in range(20):
@@ -151,3 +153,45 @@ def test_resampling_by_shards_matches_the_exact_global_draw():
     assert np.all(np.abs(exact - expected) < 4 * sigma), (exact, expected)
     assert np.all(np.abs(ours - exact) < 4 * np.sqrt(2) * sigma)
     assert ours[0] / ours[2] == pytest.approx(np.sqrt(640 / 110), rel=0.05)
+
+
+def stream_ks(plan: EpochPlan, counts, *, rank: int, world: int, batch: int, workers: int, worker: int,
+              streams: int) -> dict[tuple[int, int], list[int]]:
+    """(shard, reader stream) -> the k's that worker `worker` of `workers` on `rank` reads, in its order."""
+    n = int(np.sum(counts))
+    nb = batches_per_epoch(n, world_size=world, batch_size=batch, drop_last=False)
+    out: dict[tuple[int, int], list[int]] = {}
+    for b in range(worker, nb, workers):
+        for s, k in zip(*plan.locate(*batch_span(b, rank=rank, world_size=world, batch_size=batch, length=n))):
+            out.setdefault((int(s), b % streams), []).append(int(k))
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (3, 1), (3, 4), (2, 8)])
+def test_each_reader_stream_reads_a_shard_front_to_back(world, workers):
+    """With read_streams=8, every (rank, worker) with a worker count dividing 8 reads each shard, in each
+    of its streams, as one rotated stretch front to back (the next sample every time), so that a remote
+    block serves its next batches. With a single stream per rank, worker w of W reads every W-th
+    group of it (the test can fail)."""
+    counts = np.array([120, 75, 0, 200, 31] * 6)
+    batch = 8
+
+    def worst(streams: int) -> int:
+        plan = EpochPlan(counts, seed=3, epoch=1, shuffle=True, window_shards=8, batch_size=batch, world_size=world,
+                         read_streams=streams)
+        jumps = 0
+        for rank in range(world):
+            for w in range(workers):
+                for (s, _), ks in stream_ks(plan, counts, rank=rank, world=world, batch=batch, workers=workers,
+                                            worker=w, streams=streams).items():
+                    jumps = max(jumps, int(np.sum(np.diff(ks) % counts[s] != 1)))
+        return jumps
+
+    assert worst(8) == 0
+    if workers > 1:
+        assert worst(1) > 4
+    # streams change which k of a shard a position holds, not which shard (the shuffle is the same)
+    a = EpochPlan(counts, seed=3, epoch=1, shuffle=True, window_shards=8, batch_size=batch, world_size=world,
+                  read_streams=8)
+    b = EpochPlan(counts, seed=3, epoch=1, shuffle=True, window_shards=8)
+    assert np.array_equal(a.locate(0, a.length)[0], b.locate(0, b.length)[0])

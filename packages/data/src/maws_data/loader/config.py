@@ -26,6 +26,10 @@ class LoaderConfig:
     dali_threads: int = 4           # DALI decode threads per pipeline
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: "mixed" nvJPEG when CUDA is available
     prefetch_batches: int = 2       # per worker (DataLoader prefetch_factor) / DALI queue depth
+    read_streams: int = 8           # per rank, a power of two: each reads every shard front to back (plan.py);
+                                    # worker counts that divide it read remote shards in large blocks
+    remote_block_bytes: int = 8 << 20   # remote shards: ranged reads of up to this much (0: one range per batch)
+    remote_cache_bytes: int = 256 << 20  # remote shards: block cache per reading process (reader.py)
 
     def __post_init__(self):
         if self.task not in ("mae", "wsp", "eval"):
@@ -40,6 +44,10 @@ class LoaderConfig:
             raise ValueError("epoch_samples (>= 1) sets the draws per epoch of resample='sqrt' only")
         if self.window_shards < 1:
             raise ValueError(f"window_shards must be >= 1, got {self.window_shards}")
+        if self.read_streams < 1 or self.read_streams & (self.read_streams - 1):
+            raise ValueError(f"read_streams must be a power of two, got {self.read_streams}")
+        if self.remote_block_bytes < 0 or self.remote_cache_bytes < 0:
+            raise ValueError("remote_block_bytes and remote_cache_bytes must be >= 0")
 
     @property
     def shuffled(self) -> bool:

@@ -31,7 +31,7 @@ def make_batch(cfg: LoaderConfig, source: BatchSource, files: ShardFiles, epoch:
         images = torch.empty(len(samples), 3, cfg.image_size, cfg.image_size)
     out = images.numpy()
     boxes, flips = geometry(cfg, samples.wh, samples.gid, epoch)
-    datas = files.read(samples.shard, samples.offset, samples.size)
+    datas = files.read(samples.shard, samples.offset, samples.size, ahead=lambda s: source.ahead(epoch, s))
     for row, reason in marked:
         datas[row] = SampleError(reason, "in the shard's sidecar")
     good, bad, skipped = [], [], []
@@ -79,6 +79,7 @@ class PillowBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         torch.set_num_threads(1)  # each worker is one core; torch ops below are small
+        self.source.set_reader(nw, w, self.epoch, self.start)  # (what it reads ahead of remote shards)
         for b in range(self.start + w, self.source.batches_per_epoch, nw):
             # (no local holds the output while suspended here: the caller dropping it frees the buffer)
             yield make_batch(self.cfg, self.source, self.files, self.epoch, b, *self.output(self.source.batch_len(b)))

@@ -87,7 +87,7 @@ class DaliBatches:
 
     def __init__(self, cfg: LoaderConfig, source: BatchSource):
         self.cfg, self.source = cfg, source
-        self.files = ShardFiles(source.index, threads=max(1, cfg.num_workers))  # JPEG reads on host threads
+        self.files = ShardFiles.for_config(source.index, cfg, threads=max(1, cfg.num_workers), processes=1)  # JPEG reads on host threads
         self.device_id = dali_device_id(cfg)
         self.bad: dict[int, tuple[str, str]] = {}   # gid -> (reason, detail), found by decode failures
         self._prep = ThreadPoolExecutor(1)               # the next batch's host side, ahead of DALI
@@ -104,7 +104,8 @@ class DaliBatches:
     def host_batch(self, epoch: int, b: int) -> tuple[list, object, list[dict]]:
         """(inputs for the pipeline, samples after replacement, skipped records) of one planned batch."""
         samples, marked = self.source.batch(epoch, b)
-        datas = self.files.read(samples.shard, samples.offset, samples.size)
+        datas = self.files.read(samples.shard, samples.offset, samples.size,
+                                ahead=lambda s: self.source.ahead(epoch, s))
         for row, reason in marked:
             datas[row] = SampleError(reason, "in the shard's sidecar")
         for row, g in enumerate(samples.gid):
@@ -189,6 +190,7 @@ class DaliBatches:
 
     def _restart(self, epoch: int, start: int) -> None:
         self._close()
+        self.source.set_reader(1, 0, epoch, start)  # this process makes all of the rank's batches from here
         self._feeder = _Feeder(self.jobs(epoch, start), self._prep, self.host_batch)
         self._pipe = self._pipeline(self._feeder)
         self.pipelines_built += 1
@@ -215,7 +217,8 @@ class DaliBatches:
         from PIL import Image
 
         samples, _ = self.source.batch(epoch, b)
-        datas = self.files.read(samples.shard, samples.offset, samples.size)
+        datas = self.files.read(samples.shard, samples.offset, samples.size,
+                                ahead=lambda s: self.source.ahead(epoch, s))
         found = False
         for g, data in zip(samples.gid.tolist(), datas):
             if g in self.bad or isinstance(data, SampleError):

@@ -12,6 +12,16 @@ One epoch, given per-shard counts n_s (identical on every rank):
      {s repeated n_s times}, and each shard's samples come in tar order, starting from a random
      rotation per (epoch, shard). So a shard is read front to back (large sequential reads on object
      storage) while any stretch of the sequence mixes all the window's shards.
+     Given the batch size, world size and `read_streams` V (a power of two), "front to back" holds
+     per reader stream: rank r's batch b is in stream (r, b mod V), and a shard's samples are handed
+     out stream by stream (`reader_streams`), so every stream reads one contiguous (rotated) stretch
+     of each shard, batch after batch. The streams of a rank come in bit-reversed order, so that a
+     DataLoader worker of W (a power of two <= V; it makes the batches b = w mod W, i.e. the streams
+     whose low bits are w) reads adjacent streams: one contiguous stretch of every shard per window.
+     Without streams, worker w of W would read every (world_size x W)-th small group of a shard, and
+     no remote read could be larger than one group without fetching other processes' bytes. V is part
+     of the plan (and of the resume state); the number of workers is not: which samples make a batch
+     does not depend on it.
   3. The concatenated windows are the epoch's global sequence (length N = sum n_s). It is cut into
      chunks of batch_size and chunk c goes to rank c % world_size as its batch c // world_size. With
      drop_last the sequence is first cut to a multiple of world_size x batch_size: every rank gets
@@ -42,6 +52,17 @@ def shard_order(n_shards: int, *, seed: int, epoch: int, shuffle: bool) -> np.nd
     if not shuffle:
         return np.arange(n_shards, dtype=np.int64)
     return np.random.default_rng([seed, epoch, _ORDER]).permutation(n_shards)
+
+
+def reader_streams(chunk: np.ndarray, world_size: int, read_streams: int) -> np.ndarray:
+    """The order of each chunk's reader stream: chunk c is rank r = c % world_size's batch
+    b = c // world_size, in stream (r, b mod V), ordered by (r, bit-reversed b mod V)."""
+    bits = read_streams.bit_length() - 1
+    j = (chunk // world_size) % read_streams
+    rev = np.zeros_like(j)
+    for i in range(bits):  # reverse the low `bits` bits of j
+        rev |= ((j >> i) & 1) << (bits - 1 - i)
+    return (chunk % world_size) * read_streams + rev
 
 
 def resample_counts(weights: np.ndarray, total: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -96,12 +117,17 @@ class EpochPlan:
     """One epoch's global sequence over shards with `counts` samples each (see module docstring).
 
     `locate(start, stop)` gives (shard, k) for positions [start, stop); windows are built on demand and
-    the last two are kept (a batch may straddle two)."""
+    the last two are kept (a batch may straddle two). With `batch_size` (> 0), a shard's k's are
+    handed out per reader stream (`reader_streams`); without, in sequence order."""
 
-    def __init__(self, counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool, window_shards: int):
+    def __init__(self, counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool, window_shards: int,
+                 batch_size: int = 0, world_size: int = 1, read_streams: int = 1):
         self.counts = np.asarray(counts, np.int64)
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.batch_size, self.world_size, self.read_streams = batch_size, world_size, read_streams
         self.order = shard_order(len(self.counts), seed=seed, epoch=epoch, shuffle=shuffle)
+        self.slot_of = np.empty(len(self.order), np.int64)  # shard -> its place in the order
+        self.slot_of[self.order] = np.arange(len(self.order))
         self.bounds = window_bounds(len(self.counts), window_shards)
         per_window = np.add.reduceat(self.counts[self.order], self.bounds[:-1]) if len(self.counts) else np.zeros(0)
         self.window_start = np.concatenate([[0], np.cumsum(per_window)]).astype(np.int64)
@@ -121,8 +147,12 @@ class EpochPlan:
             rng = np.random.default_rng([self.seed, self.epoch, w, _WINDOW])
             slot = rng.permutation(slot)
             rotation = rng.integers(0, np.maximum(cnt, 1))
-            # k = how many earlier positions hold the same shard: a stable sort groups them in order
-            by_shard = np.argsort(slot, kind="stable")
+            # k = how many earlier positions (in stream order, then sequence order) hold the same shard
+            if self.batch_size > 0:
+                chunk = (self.window_start[w] + np.arange(len(slot))) // self.batch_size
+                by_shard = np.lexsort((reader_streams(chunk, self.world_size, self.read_streams), slot))  # stable: ties by position
+            else:
+                by_shard = np.argsort(slot, kind="stable")
             k = np.empty(len(slot), np.int64)
             k[by_shard] = np.arange(len(slot)) - np.repeat(first, cnt)
             k = (k + rotation[slot]) % cnt[slot]
@@ -133,6 +163,10 @@ class EpochPlan:
         while len(self._windows) > 2:
             self._windows.popitem(last=False)
         return out
+
+    def window_of(self, shard: int) -> int:
+        """The window that holds `shard` this epoch."""
+        return int(np.searchsorted(self.bounds, self.slot_of[shard], side="right")) - 1
 
     def locate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard, k) for global positions [start, stop)."""

@@ -8,7 +8,12 @@ sequence) into a sidecar row:
   wsp         the k-th labeled row (an unlabeled image has no target)
   wsp + sqrt  the k-th of the shard's sorted resampled draws (`plan.shard_draws`)
 
-Memory: O(#shards) + cache of ~2 windows of sidecars (2 x window_shards x samples per shard rows).
+`ahead(epoch, s)` tells the remote reader which bytes of shard s this process reads this epoch (in
+the batches it makes: `set_reader`), so that one request can cover many batches' samples without
+fetching bytes that other ranks or workers read.
+
+Memory: O(#shards) + cache of ~2 windows of sidecars (2 x window_shards x samples per shard rows),
+and of this process's (shard, k) in the last two windows it read ahead in.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class BatchSource:
                                         drop_last=cfg.drop_last)
         self.batches_per_epoch = plan.batches_per_epoch(self.epoch_samples, world_size=world_size,
                                                         batch_size=cfg.batch_size, drop_last=cfg.drop_last)
+        self.reader = (1, 0, -1, 0)  # (workers, worker, epoch, start): the batches this process makes
         self._reset()
 
     def _reset(self) -> None:
@@ -84,6 +90,16 @@ class BatchSource:
         self._plans: OrderedDict[int, plan.EpochPlan] = OrderedDict()
         self._shards: OrderedDict[tuple[int, int], _Shard] = OrderedDict()
         self._capacity = 2 * max(1, self.cfg.window_shards) + 16
+        self._mine: OrderedDict[tuple[int, int], dict[int, np.ndarray]] = OrderedDict()  # (epoch, window) -> s -> ks
+        self._ahead: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # (epoch, s) ->
+
+    def set_reader(self, workers: int, worker: int, epoch: int, start: int) -> None:
+        """This process makes batches start+worker, start+worker+workers, ... of `epoch` (and, of any other
+        epoch, batches worker, worker+workers, ...)."""
+        with self._lock:
+            self.reader = (workers, worker, epoch, start)
+            self._mine.clear()
+            self._ahead.clear()
 
     def __getstate__(self):  # sent to DataLoader workers: the index, not the caches
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -99,7 +115,9 @@ class BatchSource:
                 counts = plan.resample_counts(self.index.sqrt_weight, self.epoch_samples, seed=self.cfg.seed,
                                               epoch=epoch)
             self._plans[epoch] = plan.EpochPlan(counts, seed=self.cfg.seed, epoch=epoch, shuffle=self.cfg.shuffled,
-                                                window_shards=self.cfg.window_shards)
+                                                window_shards=self.cfg.window_shards,
+                                                batch_size=self.cfg.batch_size, world_size=self.world_size,
+                                                read_streams=self.cfg.read_streams)
             while len(self._plans) > 2:
                 self._plans.popitem(last=False)
         return self._plans[epoch]
@@ -142,6 +160,44 @@ class BatchSource:
         while len(self._shards) > self._capacity:
             self._shards.popitem(last=False)
         return entry
+
+    def ahead(self, epoch: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, ends) in the tar, sorted, of every sample of shard s this process reads in `epoch`
+        (the same arrays on every call, until evicted)."""
+        with self._lock:
+            if (epoch, s) in self._ahead:
+                self._ahead.move_to_end((epoch, s))
+                return self._ahead[(epoch, s)]
+            p = self.epoch_plan(epoch)
+            w = p.window_of(s)
+            if (epoch, w) not in self._mine:
+                self._mine[(epoch, w)] = self._mine_in(p, epoch, w)
+                while len(self._mine) > 2:
+                    self._mine.popitem(last=False)
+            ks = self._mine[(epoch, w)].get(s, np.zeros(0, np.int64))
+            entry = self.shard(epoch, s, int(p.counts[s]))
+            rows = np.sort(entry.rows[ks])
+            offsets = entry.samples.jpg_offset[rows]
+            self._ahead[(epoch, s)] = out = (offsets, offsets + entry.samples.jpg_size[rows])
+            while len(self._ahead) > self._capacity:
+                self._ahead.popitem(last=False)
+            return out
+
+    def _mine_in(self, p: plan.EpochPlan, epoch: int, w: int) -> dict[int, np.ndarray]:
+        """shard -> the k's of window w that this process's batches hold."""
+        workers, worker, at_epoch, start = self.reader
+        first = start if epoch == at_epoch else 0
+        shards, ks = p.window(w)
+        pos = p.window_start[w] + np.arange(len(shards))
+        chunk = pos // self.cfg.batch_size
+        b = chunk // self.world_size
+        mine = (chunk % self.world_size == self.rank) & (pos < self.length) & (b >= first) & \
+            ((b - first) % workers == worker)
+        shards, ks = shards[mine], ks[mine]
+        order = np.argsort(shards, kind="stable")
+        shards, ks = shards[order], ks[order]
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        return {int(g[0]): k for g, k in zip(np.split(shards, cuts), np.split(ks, cuts)) if len(g)}
 
     def batch(self, epoch: int, b: int) -> tuple[BatchSamples, list[tuple[int, str]]]:
         """Batch b of `epoch` on this rank, and the (row, reason) of samples the sidecar marks bad.

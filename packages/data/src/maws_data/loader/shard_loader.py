@@ -21,7 +21,7 @@ from maws_data.loader.index import ShardIndex, open_index
 from maws_data.loader.reader import ShardFiles
 from maws_data.loader.samples import BatchSource
 
-STATE_VERSION = 2  # 2: shard-window plans (the plan of version 1 states cannot be continued)
+STATE_VERSION = 3  # 2: shard-window plans; 3: shards handed out per reader stream (older plans cannot be continued)
 # The faster CPU backend, which `backend="auto"` uses without a GPU: measured by tools/bench/loader.py
 # (docs/loader.md): webdataset 1.9-2.35x the ImageFolder baseline, dali-cpu 0.94-1.2x.
 CPU_AUTO_BACKEND: Literal["dali", "webdataset"] = "webdataset"
@@ -48,7 +48,7 @@ class ShardLoader:
         self.skipped: Counter[str] = Counter(e["reason"] for e in index.excluded)
         self.skipped_samples: list[dict] = list(index.excluded)
         self.last_batch_keys: list[str] = []
-        self._files = ShardFiles(index)
+        self._files = ShardFiles.for_config(index, cfg, processes=cfg.num_workers)
         self._dali = None
         self._slots: torch.Tensor | None = None  # output buffers of this epoch's DataLoader workers
         self._pool: BufferPool | None = None      # output buffers of the in-process backend
@@ -147,13 +147,14 @@ class ShardLoader:
                 "batches_per_epoch": self.batches_per_epoch, "seed": self.cfg.seed,
                 "world_size": self.world_size, "batch_size": self.cfg.batch_size, "task": self.cfg.task,
                 "resample": self.cfg.resample, "shuffle": self.cfg.shuffled, "drop_last": self.cfg.drop_last,
-                "window_shards": self.cfg.window_shards, "shards": len(self.index), "samples": self.num_samples,
+                "window_shards": self.cfg.window_shards, "read_streams": self.cfg.read_streams,
+                "shards": len(self.index), "samples": self.num_samples,
                 "fingerprint": self.index.fingerprint, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, d: dict) -> None:
         mine = self.state_dict()
         for k in ("version", "seed", "world_size", "batch_size", "task", "resample", "shuffle", "drop_last",
-                  "window_shards", "shards", "samples"):
+                  "window_shards", "read_streams", "shards", "samples"):
             if d.get(k) != mine[k]:
                 raise ValueError(f"loader state does not match this loader: {k} is {d.get(k)!r} in the state, "
                                  f"{mine[k]!r} here (the epoch plan would differ, so resuming would repeat "
