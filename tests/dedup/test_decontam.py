@@ -174,3 +174,17 @@ def test_rewriting_every_sample_reproduces_the_tar(contaminated):
             for key, members in _read_samples(tar_path):
                 add_sample(tar, key, members)
         assert buf.getvalue() == tar_path.read_bytes(), tar_path.name
+
+
+def test_decontaminate_reads_a_build_on_s3(contaminated, s3_prefix):
+    """The same report from the build copied to S3 (sidecar offsets -> ranged reads of the tars)."""
+    from maws_data import storage
+
+    fs, base = storage.filesystem(s3_prefix)
+    build = contaminated["build"]
+    for f in sorted(build.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{base}/{f.relative_to(build).as_posix()}")
+    local = decontaminate(build, [contaminated["tree"], contaminated["flat"]])
+    remote = decontaminate(s3_prefix, [contaminated["tree"], contaminated["flat"]])
+    assert remote["matches"] == local["matches"] and remote["samples"] == local["samples"]
