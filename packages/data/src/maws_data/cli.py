@@ -196,7 +196,8 @@ def _print_samples(console, tar_path: Path, n: int) -> None:
 
 @app.command()
 def decontaminate(
-    build_dir: Annotated[Path, typer.Argument(help="The --out folder of a finished `maws-data build`.")],
+    build_dir: Annotated[str, typer.Argument(help="The --out folder (or s3:// / http(s):// prefix) of a finished "
+                                                  "`maws-data build`.")],
     against: Annotated[list[Path], typer.Option(help="An eval set: ImageFolder tree or flat folder of images "
                                                      "(repeatable).")],
     threshold: Annotated[int, typer.Option(help="Hamming distance (of 64 bits) at or under which a sample is a "
