@@ -16,6 +16,10 @@ NCHW), the same batch size and the same number of workers:
   webdataset-http  the webdataset backend reading the same build over http://127.0.0.1 (a local server
               answering byte ranges, in a child process): the remote read path (ranged GETs) at no latency
 
+`--remote` measures only the remote read path: the webdataset backend over http://127.0.0.1 for each
+`--remote-blocks` size (MiB; 0 = one ranged GET per shard per batch, the reader before blocks), with
+the requests and bytes the server answered per epoch, next to the same loader on the local build.
+
 With CUDA, two ceilings for dali-gpu are measured on the same JPEGs, held in memory (no host reads, no
 per-sample Python): `nvjpeg-decode` (fn.decoders.image "mixed" alone: the decoder's own limit) and
 `nvjpeg-rrc` (decode + DALI's own random_resized_crop + normalise: the pipeline's GPU-side limit).
@@ -26,6 +30,7 @@ pipeline build) is excluded from the timing. Ratios are against the ImageFolder 
 
     uv run python tools/bench/loader.py                      # 2 workers, batch 64, eval + mae
     uv run python tools/bench/loader.py --workers 4 --epochs 2 --tasks mae
+    uv run python tools/bench/loader.py --remote --tasks mae --epochs 2 --remote-blocks 0 1 8
 """
 
 from __future__ import annotations
@@ -137,10 +142,11 @@ def run_webdataset_pipeline(build: Path, task: str, args) -> tuple[int, float]:
     return time_batches(dl, args.epochs, args.consume == "read")
 
 
-def serve_http(folder: Path) -> str:
+def serve_http(folder: Path, counts=None) -> str:
     """Serve `folder` on http://127.0.0.1 (byte ranges, as object stores and CDNs answer them) from a
     separate process (a server thread here would share this process's GIL with the loader's main loop;
-    on the 2-core machine it still shares the cores)."""
+    on the 2-core machine it still shares the cores). `counts`: a shared int64 array (ranged GETs of
+    tars, their bytes) the server adds to."""
     import multiprocessing
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -158,6 +164,10 @@ def serve_http(folder: Path) -> str:
             with open(path, "rb") as f:
                 f.seek(start)
                 body = f.read(end - start + 1)
+            if counts is not None and path.endswith(".tar"):
+                with counts.get_lock():
+                    counts[0] += 1
+                    counts[1] += len(body)
             self.send_response(206)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -173,12 +183,13 @@ def serve_http(folder: Path) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}/{folder.name}"
 
 
-def run_ours(build: Path | str, task: str, backend: str, args, *, dali_device: str = "cpu") -> tuple[int, float]:
+def run_ours(build: Path | str, task: str, backend: str, args, *, dali_device: str = "cpu",
+             **options) -> tuple[int, float]:
     from maws_data.loader import LoaderConfig, build_loader
 
     cfg = LoaderConfig(shards=str(build), task=task, batch_size=args.batch_size, image_size=args.size,
                        backend=backend, num_workers=args.workers, dali_threads=max(1, args.workers),
-                       dali_device=dali_device)
+                       dali_device=dali_device, **options)
     loader = build_loader(cfg)
 
     class Epochs:  # a new epoch (new order) per pass, as in training
@@ -235,6 +246,47 @@ def run_decoder_limits(build: Path, args) -> dict[str, float]:
     return rates
 
 
+def read_only(shards: str, task: str, args, **options) -> float:
+    """Seconds to read (not decode) the JPEG bytes of one epoch's batches in this process: the read path alone."""
+    from maws_data.loader import LoaderConfig, build_loader
+
+    loader = build_loader(LoaderConfig(shards=shards, task=task, batch_size=args.batch_size, backend="webdataset",
+                                       num_workers=0, **options))
+    source, files = loader.source, loader._files
+    source.set_reader(1, 0, 0, 0)
+    t0 = time.perf_counter()
+    for b in range(len(loader)):
+        s, _ = source.batch(0, b)
+        files.read(s.shard, s.offset, s.size, ahead=lambda sh: source.ahead(0, sh))
+    return time.perf_counter() - t0
+
+
+def run_remote(build: Path, args) -> list[dict]:
+    """img/s, ranged GETs and bytes per epoch over http://127.0.0.1 for each block size, and local."""
+    import multiprocessing
+
+    counts = multiprocessing.get_context("fork").Array("q", 2)
+    url = serve_http(build, counts)
+    results = []
+    for task in args.tasks:
+        imgs, secs = run_ours(build, task, "webdataset", args)
+        results.append({"task": task, "loader": "local", "images_per_s": imgs / secs})
+        print(f"{task:5s} {'local':22s} {imgs / secs:9.1f} img/s", flush=True)
+        for mib in args.remote_blocks:
+            counts[0] = counts[1] = 0
+            imgs, secs = run_ours(url, task, "webdataset", args, remote_block_bytes=int(mib * (1 << 20)))
+            requests, nbytes = counts[0] / args.epochs, counts[1] / args.epochs
+            reading = read_only(url, task, args, remote_block_bytes=int(mib * (1 << 20)))
+            name = f"http block {mib:g} MiB" if mib else "http per-batch ranges"
+            results.append({"task": task, "loader": name, "images_per_s": imgs / secs, "requests_per_epoch": requests,
+                            "mean_request_bytes": nbytes / max(1, requests), "bytes_per_epoch": nbytes,
+                            "read_only_s_per_epoch": reading})
+            print(f"{task:5s} {name:22s} {imgs / secs:9.1f} img/s  {requests:7.1f} requests/epoch, mean "
+                  f"{nbytes / max(1, requests) / 1024:8.1f} KiB, {nbytes / 2**20:6.1f} MiB/epoch; reading alone "
+                  f"(1 process) {reading:.2f} s/epoch  (load {os.getloadavg()[0]:.2f})", flush=True)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/maws-bench-loader"), help="build + folder cache")
@@ -247,6 +299,9 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["webdataset", "dali-cpu", "dali-gpu"])
     p.add_argument("--consume", choices=["count", "read"], default="count",
                    help="what the timed loop does with a batch: count it, or read every pixel once (x.sum())")
+    p.add_argument("--remote", action="store_true", help="only the remote read path (http) per block size")
+    p.add_argument("--remote-blocks", nargs="+", type=float, default=[0, 8],
+                   help="--remote: remote_block_bytes in MiB (0: one range per shard per batch)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)  # the main process only collates; workers do the work
@@ -259,6 +314,9 @@ def main() -> None:
           f"{args.workers} workers, {args.epochs} epoch(s), consumer {args.consume}, {os.cpu_count()} CPUs, "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, load average {os.getloadavg()}", flush=True)
     results, http_url = [], None
+    if args.remote:
+        results = run_remote(build, args)
+        args.tasks = []
     for task in args.tasks:
         imgs, secs = run_baseline(folder, task, args)
         base = imgs / secs
@@ -285,7 +343,7 @@ def main() -> None:
                             "images_per_s": rate, "ratio": rate / base, "ratio_wds": rate / wds_rate})
             print(f"{task:5s} {backend:22s} {rate:9.1f} img/s {rate / base:6.2f}x  ({rate / wds_rate:.2f}x the wds "
                   f"pipeline)", flush=True)
-    if torch.cuda.is_available() and "dali-gpu" in args.backends:
+    if torch.cuda.is_available() and "dali-gpu" in args.backends and not args.remote:
         for name, rate in run_decoder_limits(build, args).items():
             results.append({"task": "ceiling", "loader": name, "images_per_s": rate})
             print(f"ceil  {name:22s} {rate:9.1f} img/s  (JPEGs in memory, no host reads)", flush=True)
