@@ -27,7 +27,8 @@ partitions, processes or nodes.
 
 Memory: spill O(spill_records); reduce O(records of one partition) -- N * tables / P, so
 flat when P grows with N (`partitions_for`); resolve O(near pairs + removed rows), which grows with
-the number of duplicates, not with N. 128 bits of sha256 stand for the whole digest (a collision
+the number of duplicates, plus a bitmap of max row / 8 bytes (rows are the builder's dense row
+numbers). 128 bits of sha256 stand for the whole digest (a collision
 among 10^9 rows has probability ~1e-21).
 """
 
@@ -54,6 +55,7 @@ REASONS = ("", DUPLICATE, NEAR)  # reason codes 1, 2 in decisions.npz
 NEAR_THRESHOLD = 2  # default Hamming threshold of `near` (docs/dedup.md: precision/recall and cost)
 RECORDS_PER_PARTITION = 1 << 21  # ~55 MB of records per reduce task (peak ~4x that while sorting)
 RECORDS_PER_SPILL = 1 << 21  # the same bound for a spill task
+RESOLVE_CHUNK = 1 << 18  # rows whose candidate pairs are Python objects at once in `resolve`
 UNITS, SPILLS, DECISIONS = "units", "spills", "decisions.npz"
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
@@ -338,35 +340,69 @@ class Decisions:
             return cls(**{f: z[f] for f in ("row", "reason", "kept_row", "distance", "key", "kept_key")})
 
 
-def resolve(exact_pairs: np.ndarray, near_pairs: np.ndarray) -> dict[int, tuple[int, int, int]]:
-    """{removed row: (reason code, kept row, distance)} by the row-order rule (module docstring)."""
-    removed: dict[int, tuple[int, int, int]] = {int(d): (1, int(k), 0) for d, k in exact_pairs}
+def resolve(exact_pairs: np.ndarray, near_pairs: np.ndarray) -> np.ndarray:
+    """(n, 4) int64 [removed row, reason code, kept row, distance], sorted by row, by the row-order
+    rule (module docstring).
+
+    Memory: a bitmap of removed rows (max row / 8 bytes: 125 MB at 10^9 rows) instead of a dict per
+    removed row, the near decisions in arrays, and a dict only for rows that aliases point to.
+    """
+    exact = np.asarray(exact_pairs, np.int64).reshape(-1, 2)
+    near_pairs = np.asarray(near_pairs, np.int64).reshape(-1, 3)
+    top = int(max(exact[:, 0].max(initial=-1), near_pairs[:, 0].max(initial=-1))) + 1
+    removed = np.zeros(top // 8 + 1, np.uint8)
+    np.bitwise_or.at(removed, exact[:, 0] >> 3, (1 << (exact[:, 0] & 7)).astype(np.uint8))
+    bits = bytearray(removed.tobytes())  # Python-speed lookups in the loop below
+    out_row, out_kept, out_d = [], [], []
     if len(near_pairs):
         near_pairs = np.unique(near_pairs, axis=0)  # sorted by (later, earlier): the order of the rule
         later = near_pairs[:, 0]
+        is_alias = near_pairs[:, 2] == 0
+        targets = set(near_pairs[is_alias, 1].tolist())  # rows whose decision an alias will copy
+        decided: dict[int, tuple[int, int]] = {}  # target row removed -> (kept row, distance)
         starts = np.flatnonzero(np.concatenate([[True], later[1:] != later[:-1]]))
-        for s, e in zip(starts, np.append(starts[1:], len(later))):
-            j = int(later[s])
-            if j in removed:
-                continue
-            if near_pairs[s, 2] == 0:  # an alias: same phash as row i, which was decided before j
-                i = int(near_pairs[s, 1])
-                # i kept -> j duplicates i; i removed (near, not exact: i is the first row of its phash)
-                # -> the earliest kept row within the threshold of j is i's, at the same distance
-                removed[j] = (2, i, 0) if i not in removed else (2, *removed[i][1:])
-                continue
-            for i, d in near_pairs[s:e, 1:]:
-                if int(i) not in removed:  # earlier rows are final: they were decided before j
-                    removed[j] = (2, int(i), int(d))
-                    break
-    return removed
+        ends = np.append(starts[1:], len(later))
+        for c in range(0, len(starts), RESOLVE_CHUNK):  # Python objects for one chunk of rows at a time
+            base = int(starts[c])
+            pairs = near_pairs[base:int(ends[min(c + RESOLVE_CHUNK, len(starts)) - 1])].tolist()
+            for s, e in zip((starts[c:c + RESOLVE_CHUNK] - base).tolist(), (ends[c:c + RESOLVE_CHUNK] - base).tolist()):
+                _resolve_one(pairs, s, e, bits, decided, targets, out_row, out_kept, out_d)
+    near = np.array([out_row, [2] * len(out_row), out_kept, out_d], np.int64).T.reshape(-1, 4)
+    ex = np.stack([exact[:, 0], np.ones(len(exact), np.int64), exact[:, 1], np.zeros(len(exact), np.int64)], axis=1)
+    allr = np.concatenate([ex, near])
+    return allr[np.argsort(allr[:, 0], kind="stable")]
 
 
-def _name(table_dir: str | Path, removed: dict[int, tuple[int, int, int]]) -> Decisions:
-    rows = np.array(sorted(removed), np.int64)
-    reason = np.array([removed[r][0] for r in rows], np.uint8)
-    kept = np.array([removed[r][1] for r in rows], np.int64)
-    dist = np.array([removed[r][2] for r in rows], np.int8)
+def _resolve_one(pairs: list, s: int, e: int, bits: bytearray, decided: dict, targets: set,
+                 out_row: list, out_kept: list, out_d: list) -> None:
+    """Decide row j = pairs[s][0] from its candidate pairs pairs[s:e] (earlier rows ascending)."""
+    j = pairs[s][0]
+    if bits[j >> 3] >> (j & 7) & 1:  # already removed (exact duplicate)
+        return
+    choice = None
+    if pairs[s][2] == 0:  # an alias: same phash as row i, which was decided before j
+        i = pairs[s][1]
+        # i kept -> j duplicates i; i removed (near, not exact: i is the first row of its phash) ->
+        # the earliest kept row within the threshold of j is i's, at the same distance. (.get: only
+        # inconsistent input -- equal bytes, different phash -- leaves i without an entry; j names i.)
+        choice = decided.get(i, (i, 0)) if bits[i >> 3] >> (i & 7) & 1 else (i, 0)
+    else:
+        for _, i, d in pairs[s:e]:
+            if not bits[i >> 3] >> (i & 7) & 1:  # earlier rows are final: decided before j
+                choice = (i, d)
+                break
+    if choice is not None:
+        bits[j >> 3] |= 1 << (j & 7)
+        out_row.append(j)
+        out_kept.append(choice[0])
+        out_d.append(choice[1])
+        if j in targets:
+            decided[j] = choice
+
+
+def _name(table_dir: str | Path, removed: np.ndarray) -> Decisions:
+    rows, reason, kept, dist = (removed[:, c] for c in range(4))
+    reason, dist = reason.astype(np.uint8), dist.astype(np.int8)
     need = np.unique(np.concatenate([rows, kept]))  # sorted
     names: dict[int, bytes] = {}
     for path in unit_paths(table_dir):  # one unit in memory at a time
