@@ -179,7 +179,7 @@ def mine_counts(texts: pl.Series, lookup: Mapping[str, Sequence[str]] | None = N
     n_tags = max(len(_TAG_NAMES), 1)
     present = np.flatnonzero(np.bincount(pair_tags, minlength=n_tags)) if len(pair_tags) else pair_tags
     tags = [_TAG_NAMES[i] for i in present]
-    if lookup is None or (require_complete and not all(t in lookup for t in tags)):
+    if lookup is None or (require_complete and not lookup.keys() >= set(tags)):
         return tags, None, None
     uniq = _unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
     urows, utags = uniq // n_tags, uniq % n_tags
@@ -191,8 +191,8 @@ def mine_counts(texts: pl.Series, lookup: Mapping[str, Sequence[str]] | None = N
     n_out = max(len(out_names), 1)
     uout = _unique_grouped(out_rows * n_out + outs) % n_out
     out_counts = np.bincount(uout, minlength=n_out)
-    return (tags, {t: int(tag_counts[i]) for t, i in zip(tags, present)},
-            {out_names[i]: int(c) for i, c in enumerate(out_counts.tolist()) if c})
+    return (tags, dict(zip(tags, tag_counts[present].tolist())),
+            {out_names[i]: c for i, c in enumerate(out_counts.tolist()) if c})
 
 
 _outputs: dict[int, tuple] = {}

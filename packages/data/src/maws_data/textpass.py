@@ -5,7 +5,8 @@ each reading its own rows; the driver only merges per-task results:
 
 1. scan (one task per text unit): read key + caption, check every row (a reader problem, then a
    null key), extract the hashtags of the usable rows, return the unit's DISTINCT tags, and write the
-   usable rows' (row, key, safe key) to `_work/keys/unit-NNNNNN.parquet`, one row group per key bucket.
+   usable rows' (row, key, safe key) to `_work/keys/unit-NNNNNN.arrows`, one Arrow IPC stream per key
+   bucket behind a small offsets header (a keys task reads one byte range of each unit's spill).
 2. keys (one task per bucket): key uniqueness without a global in-memory set. Rows are partitioned
    by a hash of their webdataset-safe key into B buckets (B = rows / KEYS_PER_BUCKET, rounded up),
    so every pair of rows that could clash -- the same source key, or two keys that sanitise to the
@@ -125,8 +126,46 @@ def parquet_source(url: str):
     return fs.open(path, "rb")
 
 
+SPILL_SCHEMA = pa.schema([("row", pa.uint64()), ("key", pa.large_string()), ("safe", pa.large_string())])
+
+
+def _spill_bytes(usable: pl.DataFrame, buckets: int) -> bytes:
+    """A unit's keys, one Arrow IPC stream per bucket, after a header of 8 bytes (its length) + JSON
+    {bucket: [offset, length]}: a keys task reads only its bucket's bytes of every unit's spill
+    (one small range read, where a parquet row group per bucket cost a footer parse each)."""
+    blobs: dict[int, bytes] = {}
+    groups = usable.partition_by("bucket", as_dict=True) if buckets > 1 else {(0,): usable}
+    for (b, *_), part in groups.items():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, SPILL_SCHEMA) as w:
+            w.write_table(part.select("row", "key", "safe").to_arrow().cast(SPILL_SCHEMA))
+        blobs[int(b)] = sink.getvalue().to_pybytes()
+    index, offset = {}, 0
+    for b in sorted(blobs):
+        index[str(b)] = [offset, len(blobs[b])]
+        offset += len(blobs[b])
+    header = json.dumps(index).encode()
+    return len(header).to_bytes(8, "little") + header + b"".join(blobs[b] for b in sorted(blobs))
+
+
+def _read_spill(url: str, bucket: int) -> pl.DataFrame | None:
+    """One bucket's keys from a unit's spill (None when the unit has none in it)."""
+    if storage.is_remote(url):
+        fs, path = storage.filesystem(url)
+        fh = fs.open(path, "rb")
+    else:
+        fh = open(url, "rb")  # noqa: SIM115 - closed below
+    with fh:
+        n = int.from_bytes(fh.read(8), "little")
+        where = json.loads(fh.read(n)).get(str(bucket))
+        if where is None:
+            return None
+        fh.seek(8 + n + where[0])
+        return pl.from_arrow(pa.ipc.open_stream(fh.read(where[1])).read_all())
+
+
 def _unit_url(work: str, unit: int) -> str:
-    return storage.join(work, "keys", f"unit-{unit:06d}.parquet")
+    return storage.join(work, "keys", f"unit-{unit:06d}.arrows")
 
 
 def _bucket_url(work: str, bucket: int) -> str:
@@ -171,15 +210,7 @@ def scan_unit(task: UnitTask) -> dict:
     usable = df.filter(pl.col("reason").is_null()).select("row", "key")
     usable = usable.with_columns(safe_keys(usable["key"]).alias("safe"))
     usable = usable.with_columns(_bucket_of(usable["safe"], task.buckets).alias("bucket"))
-    buf = io.BytesIO()
-    present = sorted(set(usable["bucket"].to_list())) if task.buckets > 1 else [0]
-    schema = pa.schema([("row", pa.uint64()), ("key", pa.large_string()), ("safe", pa.large_string())],
-                       metadata={"buckets": json.dumps(present)})
-    with pq.ParquetWriter(buf, schema) as w:
-        for b in present:
-            part = usable.filter(pl.col("bucket") == b) if task.buckets > 1 else usable
-            w.write_table(part.select("row", "key", "safe").to_arrow().cast(schema), row_group_size=1 << 30)
-    write_bytes(_unit_url(task.work, task.unit), buf.getvalue())
+    write_bytes(_unit_url(task.work, task.unit), _spill_bytes(usable, task.buckets))
     table = _tags_of(task.work, task.fingerprint, KNOWN_NAME) if task.warm else None
     tags, tag_counts, synset_counts = mine_counts(captions, table, require_complete=True)
     counts = None if tag_counts is None else {"tags": tag_counts, "synsets": synset_counts}
@@ -207,12 +238,7 @@ class KeyTask:
 
 def resolve_keys(task: KeyTask) -> dict:
     """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n, "dup_units": [unit, ...]}."""
-    parts = []
-    for u in range(task.units):
-        pf = pq.ParquetFile(parquet_source(_unit_url(task.work, u)))
-        present = json.loads(pf.schema_arrow.metadata[b"buckets"])
-        if task.bucket in present and pf.metadata.num_row_groups:
-            parts.append(pl.from_arrow(pf.read_row_group(present.index(task.bucket))))
+    parts = [part for u in range(task.units) if (part := _read_spill(_unit_url(task.work, u), task.bucket)) is not None]
     df = pl.concat(parts).sort("row") if parts else pl.DataFrame(
         schema={"row": pl.UInt64, "key": pl.String, "safe": pl.String})
     first = df["key"].is_first_distinct()
