@@ -15,6 +15,7 @@ A first, untimed build over every caption once fills the mapping cache: every ti
 
     uv run python tools/bench/build_scale.py                          # 1e5, 1e6, 1e7 x 1, 2 processes
     uv run python tools/bench/build_scale.py --rows 1e5,1e6 --processes 2
+    uv run python tools/bench/build_scale.py --rows 1e7 --text-only   # the text-pass rate alone
 
 Targets (issue 10): the peak RSS of every process flat from 10^5 to 10^7 (<= 1.25x) and under 1 GB;
 the cost per row flat (<= 1.25x from 10^6 to 10^7); the text pass >= 500k rows/s per process
@@ -106,7 +107,7 @@ class Run:
         return self.rows / self.text_s
 
 
-def run_build(source: Path, out: Path, processes: int, cache: Path) -> Run:
+def run_build(source: Path, out: Path, processes: int, cache: Path, *, text_only: bool = False) -> Run:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(MAWS_DATA), "build", "--source", str(source), "--out", str(out), "--processes", str(processes),
            "--shard-size", "1000", "--min-count", "10", "--image-size", "224", "--decoder", "pil", "--retries", "1",
@@ -117,6 +118,11 @@ def run_build(source: Path, out: Path, processes: int, cache: Path) -> Run:
     me = psutil.Process(proc.pid)
     driver = worker = 0
     while proc.poll() is None:
+        if text_only and (out / "hashtag_map.tsv").exists():
+            proc.kill()  # the text pass is over: the image pass is not measured
+            proc.wait()
+            return Run(0, processes, time.time() - t0, (out / "hashtag_map.tsv").stat().st_mtime - t0,
+                       driver / 2**20, worker / 2**20, 0)
         try:
             driver = max(driver, me.memory_info().rss)
             for c in me.children(recursive=True):
@@ -126,7 +132,7 @@ def run_build(source: Path, out: Path, processes: int, cache: Path) -> Run:
                     pass
         except psutil.NoSuchProcess:
             break
-        time.sleep(0.2)
+        time.sleep(0.05 if text_only else 0.2)
     wall = time.time() - t0
     _stdout, stderr = proc.communicate()
     if proc.returncode:
@@ -145,6 +151,8 @@ def main() -> None:
     ap.add_argument("--photo-every", type=int, default=10_000, help="one real photo per this many rows")
     ap.add_argument("--unreachable-every", type=int, default=2_000, help="one unreachable URL per this many rows")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
+    ap.add_argument("--text-only", action="store_true",
+                    help="stop each build when its text pass ends (hashtag_map.tsv written): text-pass rate only")
     args = ap.parse_args()
     sizes = [int(float(x)) for x in args.rows.split(",")]
     procs = [int(x) for x in args.processes.split(",")]
@@ -160,7 +168,8 @@ def main() -> None:
         run_build(work / f"src-{every}", work / "warm", 1, cache)  # untimed: fills the mapping cache
         for n in sizes:
             for p in procs:
-                r = run_build(work / f"src-{n}", work / f"out-{n}-{p}", p, cache)
+                r = run_build(work / f"src-{n}", work / f"out-{n}-{p}", p, cache, text_only=args.text_only)
+                r.rows = r.rows or n
                 runs.append(r)
                 print(f"{n:>10} rows  {p} proc  {r.wall_s:8.1f} s  {r.us_per_row:6.1f} us/row  text {r.text_s:6.1f} s "
                       f"({r.text_rate / p:9.0f} rows/s/proc)  RSS driver {r.driver_mb:6.0f} MB  "
