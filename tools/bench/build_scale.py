@@ -58,6 +58,8 @@ def captions() -> pl.Series:
 
 
 def synthesize(out: Path, rows: int, per_file: int, photo_every: int, unreachable_every: int, base_url: str) -> None:
+    if (out / "done").is_file() and (out / "done").read_text() == f"{rows} {per_file} {base_url}":
+        return  # kept from an earlier run with --work (same server port: the photo URLs still resolve)
     out.mkdir(parents=True, exist_ok=True)
     caps = captions()
     photos = pl.read_parquet(INSTAGRAM / "captions.parquet")["image"]
@@ -71,6 +73,7 @@ def synthesize(out: Path, rows: int, per_file: int, photo_every: int, unreachabl
         df = pl.DataFrame({"key": [f"ig-{i:011d}" for i in idx], "image": image,
                            "caption": caps.gather(pl.Series(idx % len(caps)))})
         pq.write_table(df.to_arrow(), out / f"part-{f:05d}.parquet", row_group_size=25_000)
+    (out / "done").write_text(f"{rows} {per_file} {base_url}")
 
 
 class _Quiet(SimpleHTTPRequestHandler):
