@@ -57,9 +57,11 @@ def captions() -> pl.Series:
     return pl.Series("caption", mixed, dtype=pl.String)
 
 
-def synthesize(out: Path, rows: int, per_file: int, photo_every: int, unreachable_every: int, base_url: str) -> None:
-    if (out / "done").is_file() and (out / "done").read_text() == f"{rows} {per_file} {base_url}":
-        return  # kept from an earlier run with --work (same server port: the photo URLs still resolve)
+def synthesize(out: Path, rows: int, per_file: int, photo_every: int, unreachable_every: int, base_url: str,
+               *, any_url: bool = False) -> None:
+    done = (out / "done").read_text().split(" ") if (out / "done").is_file() else []
+    if done[:2] == [str(rows), str(per_file)] and (any_url or done[2:] == [base_url]):
+        return  # kept from an earlier run with --work (any_url: --text-only never fetches a photo)
     out.mkdir(parents=True, exist_ok=True)
     caps = captions()
     photos = pl.read_parquet(INSTAGRAM / "captions.parquet")["image"]
@@ -167,7 +169,8 @@ def main() -> None:
         every = len(captions())  # the warm-up source holds every caption once
         for n in sorted(set(sizes) | {every}):
             per_file = args.rows_per_file
-            synthesize(work / f"src-{n}", n, per_file, args.photo_every, args.unreachable_every, base_url)
+            synthesize(work / f"src-{n}", n, per_file, args.photo_every, args.unreachable_every, base_url,
+                       any_url=args.text_only)
         run_build(work / f"src-{every}", work / "warm", 1, cache)  # untimed: fills the mapping cache
         for n in sizes:
             for p in procs:
