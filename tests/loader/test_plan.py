@@ -12,6 +12,7 @@ from maws_data.loader.plan import (
     batch_span,
     batches_per_epoch,
     epoch_length,
+    reader_streams,
     resample_counts,
     shard_draws,
 )
@@ -21,8 +22,8 @@ from maws_data.sidecar import sample_weights, sample_weights_csr
 def rank_sequence(counts, *, rank, world, batch, drop_last=True, seed=0, epoch=0, shuffle=True, window=128):
     """(shard, k) of every sample rank yields in one epoch, batch by batch."""
     n = int(np.sum(counts))
-    plan = EpochPlan(counts, seed=seed, epoch=epoch, shuffle=shuffle, window_shards=window, batch_size=batch,
-                     world_size=world, read_streams=8)
+    plan = EpochPlan(counts, seed=seed, epoch=epoch, shuffle=shuffle, window_shards=window, global_batch=world * batch,
+                     read_streams=8)
     length = epoch_length(n, world_size=world, batch_size=batch, drop_last=drop_last)
     nb = batches_per_epoch(n, world_size=world, batch_size=batch, drop_last=drop_last)
     out = [plan.locate(*batch_span(b, rank=rank, world_size=world, batch_size=batch, length=length)) for b in range(nb)]
@@ -94,7 +95,7 @@ def test_plans_differ_per_epoch_and_repeat_per_seed():
     c = np.concatenate([s * 100 + k for s, k in rank_sequence(counts, rank=0, world=2, batch=10, epoch=1, window=4)])
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     # without reader streams a shard is read front to back from a rotation: its k's in sequence order
-    # are consecutive mod n (with them, per reader: test_each_reader_stream_reads_a_shard_front_to_back)
+    # are consecutive mod n (with them, per reader: test_each_reader_reads_shards_in_few_stretches_front_to_back)
     plan = EpochPlan(counts, seed=0, epoch=0, shuffle=True, window_shards=4)
     s, k = plan.locate(0, plan.length)
     for shard in range(20):
@@ -155,43 +156,67 @@ def test_resampling_by_shards_matches_the_exact_global_draw():
     assert ours[0] / ours[2] == pytest.approx(np.sqrt(640 / 110), rel=0.05)
 
 
-def stream_ks(plan: EpochPlan, counts, *, rank: int, world: int, batch: int, workers: int, worker: int,
-              streams: int) -> dict[tuple[int, int], list[int]]:
-    """(shard, reader stream) -> the k's that worker `worker` of `workers` on `rank` reads, in its order."""
+def process_reads(plan: EpochPlan, counts, *, rank: int, world: int, batch: int, workers: int, worker: int,
+                  streams: int) -> tuple[dict, dict]:
+    """What worker `worker` of `workers` on `rank` reads: shard -> its k's, and (shard, head) -> k's in
+    read order (head = slot and stream of the position, plan.reader_streams)."""
     n = int(np.sum(counts))
     nb = batches_per_epoch(n, world_size=world, batch_size=batch, drop_last=False)
-    out: dict[tuple[int, int], list[int]] = {}
+    by_shard: dict[int, list[int]] = {}
+    by_head: dict[tuple[int, int], list[int]] = {}
     for b in range(worker, nb, workers):
-        for s, k in zip(*plan.locate(*batch_span(b, rank=rank, world_size=world, batch_size=batch, length=n))):
-            out.setdefault((int(s), b % streams), []).append(int(k))
-    return out
+        start, stop = batch_span(b, rank=rank, world_size=world, batch_size=batch, length=n)
+        heads = reader_streams(np.arange(start, stop), world * batch, streams)
+        for s, k, h in zip(*plan.locate(start, stop), heads):
+            by_shard.setdefault(int(s), []).append(int(k))
+            by_head.setdefault((int(s), int(h)), []).append(int(k))
+    return by_shard, by_head
 
 
-@pytest.mark.parametrize("world,workers", [(1, 2), (3, 1), (3, 4), (2, 8)])
-def test_each_reader_stream_reads_a_shard_front_to_back(world, workers):
-    """With read_streams=8, every (rank, worker) with a worker count dividing 8 reads each shard, in each
-    of its streams, as one rotated stretch front to back (the next sample every time), so that a remote
-    block serves its next batches. With a single stream per rank, worker w of W reads every W-th
-    group of it (the test can fail)."""
-    counts = np.array([120, 75, 0, 200, 31] * 6)
+def cyclic_runs(ks: list[int], n: int) -> int:
+    """Contiguous runs of a set of k's on the circle 0..n-1."""
+    ks = np.unique(ks)
+    return 1 if len(ks) == n else int(np.sum(np.diff(np.append(ks, ks[0] + n)) != 1))
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (2, 1), (4, 4), (8, 8), (2, 8)])
+def test_each_reader_reads_shards_in_few_stretches_front_to_back(world, workers):
+    """With read_streams=8: every reader head of every (rank, worker) reads each shard front to back (the
+    next sample every time), and a (rank, worker) reads a shard as at most 8 / world contiguous
+    stretches, so remote blocks can be large. Without heads (read_streams=1), worker w of W reads every
+    W-th group of each shard: it jumps (the test can fail)."""
+    counts = np.array([1200, 750, 0, 2000, 310] * 6)
     batch = 8
 
-    def worst(streams: int) -> int:
-        plan = EpochPlan(counts, seed=3, epoch=1, shuffle=True, window_shards=8, batch_size=batch, world_size=world,
+    def worst(streams: int) -> tuple[int, int]:
+        plan = EpochPlan(counts, seed=3, epoch=1, shuffle=True, window_shards=8, global_batch=world * batch,
                          read_streams=streams)
-        jumps = 0
+        jumps = runs = 0
         for rank in range(world):
             for w in range(workers):
-                for (s, _), ks in stream_ks(plan, counts, rank=rank, world=world, batch=batch, workers=workers,
-                                            worker=w, streams=streams).items():
+                by_shard, by_head = process_reads(plan, counts, rank=rank, world=world, batch=batch, workers=workers,
+                                                  worker=w, streams=streams)
+                for (s, _), ks in by_head.items():
                     jumps = max(jumps, int(np.sum(np.diff(ks) % counts[s] != 1)))
-        return jumps
+                for s, ks in by_shard.items():
+                    runs = max(runs, cyclic_runs(ks, int(counts[s])))
+        return jumps, runs
 
-    assert worst(8) == 0
+    jumps, runs = worst(8)
+    assert jumps == 0 and runs <= max(1, 8 // world)
     if workers > 1:
-        assert worst(1) > 4
-    # streams change which k of a shard a position holds, not which shard (the shuffle is the same)
-    a = EpochPlan(counts, seed=3, epoch=1, shuffle=True, window_shards=8, batch_size=batch, world_size=world,
-                  read_streams=8)
-    b = EpochPlan(counts, seed=3, epoch=1, shuffle=True, window_shards=8)
-    assert np.array_equal(a.locate(0, a.length)[0], b.locate(0, b.length)[0])
+        assert worst(1)[0] > 4  # a single head per rank, split over workers: jumps
+
+
+def test_one_process_and_several_ranks_see_the_same_global_batches():
+    """The reader heads depend on the global batch, not on how it is split into ranks: one process with
+    batch 24 and 3 ranks with batch 8 get the same samples at every position (the trainers compare
+    losses of 1 and 2 processes), and the shard at every position is the one without heads."""
+    counts = np.array([120, 75, 0, 200, 31] * 6)
+    one = rank_sequence(counts, rank=0, world=1, batch=24, window=8)
+    three = [rank_sequence(counts, rank=r, world=3, batch=8, window=8) for r in range(3)]
+    for b, (s, k) in enumerate(one):
+        assert np.array_equal(s, np.concatenate([three[r][b][0] for r in range(3)]))
+        assert np.array_equal(k, np.concatenate([three[r][b][1] for r in range(3)]))
+    plain = EpochPlan(counts, seed=0, epoch=0, shuffle=True, window_shards=8)
+    assert np.array_equal(np.concatenate([s for s, _ in one]), plain.locate(0, 24 * len(one))[0])

@@ -25,7 +25,8 @@ The package, dependencies pointing one way (each imports only modules above it):
   (upgrade: `maws_data.sidecar.upgrade_build`, `maws-data upgrade BUILD`)
 
 Memory per rank: O(#shards) for the index and each epoch's shard order, plus the sidecars of about
-two shuffle windows (2 x window_shards shards) in each process that makes batches.
+two shuffle windows (2 x window_shards shards) in each process that makes batches; for remote
+shards, each such process's block cache (<= remote_cache_bytes, reader.py).
 """
 
 from maws_data.loader.config import LoaderConfig

@@ -87,7 +87,8 @@ class DaliBatches:
 
     def __init__(self, cfg: LoaderConfig, source: BatchSource):
         self.cfg, self.source = cfg, source
-        self.files = ShardFiles.for_config(source.index, cfg, threads=max(1, cfg.num_workers), processes=1)  # JPEG reads on host threads
+        self.files = ShardFiles.for_config(source.index, cfg, threads=max(1, cfg.num_workers), processes=1,
+                                            world_size=source.world_size)  # JPEG reads on host threads
         self.device_id = dali_device_id(cfg)
         self.bad: dict[int, tuple[str, str]] = {}   # gid -> (reason, detail), found by decode failures
         self._prep = ThreadPoolExecutor(1)               # the next batch's host side, ahead of DALI

@@ -12,16 +12,21 @@ One epoch, given per-shard counts n_s (identical on every rank):
      {s repeated n_s times}, and each shard's samples come in tar order, starting from a random
      rotation per (epoch, shard). So a shard is read front to back (large sequential reads on object
      storage) while any stretch of the sequence mixes all the window's shards.
-     Given the batch size, world size and `read_streams` V (a power of two), "front to back" holds
-     per reader stream: rank r's batch b is in stream (r, b mod V), and a shard's samples are handed
-     out stream by stream (`reader_streams`), so every stream reads one contiguous (rotated) stretch
-     of each shard, batch after batch. The streams of a rank come in bit-reversed order, so that a
-     DataLoader worker of W (a power of two <= V; it makes the batches b = w mod W, i.e. the streams
-     whose low bits are w) reads adjacent streams: one contiguous stretch of every shard per window.
-     Without streams, worker w of W would read every (world_size x W)-th small group of a shard, and
-     no remote read could be larger than one group without fetching other processes' bytes. V is part
-     of the plan (and of the resume state); the number of workers is not: which samples make a batch
-     does not depend on it.
+     Given the global batch G = world_size x batch_size and `read_streams` V (a power of two),
+     "front to back" holds per **reader head**: position p is in global batch g = p // G, at place
+     p mod G of it; its head is (slot, stream) = ((p mod G) * V // G, g mod V), and a shard's samples
+     are handed out head by head, in the order (slot, bit-reversed stream) (`reader_streams`). Each
+     head reads one contiguous rotated stretch of every shard, batch after batch. Rank r of R holds
+     places [rG/R, (r+1)G/R) of every global batch: the V/R slots r*V/R.. when R divides V; its
+     batch b is global batch b, and a DataLoader worker w of W (W dividing V) makes the batches
+     b = w mod W: the streams whose low bits are w, adjacent once bit-reversed. So each (rank, worker)
+     reads every shard as V/R contiguous stretches (one when R = V), each read by V/W heads. Without
+     heads, worker w of W would read every (world_size x W)-th small group of a shard, and no remote
+     read could be larger than one group without fetching other processes' bytes. The heads depend
+     on G and V only, not on how G is split into ranks, nor on the number of workers: one process
+     with batch G and R processes with batch G/R get the same global batches (the trainers' test),
+     and the same batches come for any number of workers. V is part of the plan and of the resume
+     state.
   3. The concatenated windows are the epoch's global sequence (length N = sum n_s). It is cut into
      chunks of batch_size and chunk c goes to rank c % world_size as its batch c // world_size. With
      drop_last the sequence is first cut to a multiple of world_size x batch_size: every rank gets
@@ -54,15 +59,15 @@ def shard_order(n_shards: int, *, seed: int, epoch: int, shuffle: bool) -> np.nd
     return np.random.default_rng([seed, epoch, _ORDER]).permutation(n_shards)
 
 
-def reader_streams(chunk: np.ndarray, world_size: int, read_streams: int) -> np.ndarray:
-    """The order of each chunk's reader stream: chunk c is rank r = c % world_size's batch
-    b = c // world_size, in stream (r, b mod V), ordered by (r, bit-reversed b mod V)."""
-    bits = read_streams.bit_length() - 1
-    j = (chunk // world_size) % read_streams
+def reader_streams(pos: np.ndarray, global_batch: int, read_streams: int) -> np.ndarray:
+    """The reader head of each position, as its rank in the order (slot, bit-reversed stream) (above)."""
+    v = read_streams
+    slot = (pos % global_batch) * v // global_batch
+    j = (pos // global_batch) % v
     rev = np.zeros_like(j)
-    for i in range(bits):  # reverse the low `bits` bits of j
-        rev |= ((j >> i) & 1) << (bits - 1 - i)
-    return (chunk % world_size) * read_streams + rev
+    for i in range(v.bit_length() - 1):  # reverse the low log2(v) bits of j
+        rev |= ((j >> i) & 1) << (v.bit_length() - 2 - i)
+    return slot * v + rev
 
 
 def resample_counts(weights: np.ndarray, total: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -117,14 +122,14 @@ class EpochPlan:
     """One epoch's global sequence over shards with `counts` samples each (see module docstring).
 
     `locate(start, stop)` gives (shard, k) for positions [start, stop); windows are built on demand and
-    the last two are kept (a batch may straddle two). With `batch_size` (> 0), a shard's k's are
-    handed out per reader stream (`reader_streams`); without, in sequence order."""
+    the last two are kept (a batch may straddle two). With `global_batch` (> 0), a shard's k's are
+    handed out per reader head (`reader_streams`); without, in sequence order."""
 
     def __init__(self, counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool, window_shards: int,
-                 batch_size: int = 0, world_size: int = 1, read_streams: int = 1):
+                 global_batch: int = 0, read_streams: int = 1):
         self.counts = np.asarray(counts, np.int64)
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
-        self.batch_size, self.world_size, self.read_streams = batch_size, world_size, read_streams
+        self.global_batch, self.read_streams = global_batch, read_streams
         self.order = shard_order(len(self.counts), seed=seed, epoch=epoch, shuffle=shuffle)
         self.slot_of = np.empty(len(self.order), np.int64)  # shard -> its place in the order
         self.slot_of[self.order] = np.arange(len(self.order))
@@ -147,10 +152,11 @@ class EpochPlan:
             rng = np.random.default_rng([self.seed, self.epoch, w, _WINDOW])
             slot = rng.permutation(slot)
             rotation = rng.integers(0, np.maximum(cnt, 1))
-            # k = how many earlier positions (in stream order, then sequence order) hold the same shard
-            if self.batch_size > 0:
-                chunk = (self.window_start[w] + np.arange(len(slot))) // self.batch_size
-                by_shard = np.lexsort((reader_streams(chunk, self.world_size, self.read_streams), slot))  # stable: ties by position
+            # k = how many earlier positions (in head order, then sequence order) hold the same shard
+            if self.global_batch > 0:
+                heads = reader_streams(self.window_start[w] + np.arange(len(slot)), self.global_batch,
+                                       self.read_streams)
+                by_shard = np.lexsort((heads, slot))  # (lexsort is stable: ties keep sequence order)
             else:
                 by_shard = np.argsort(slot, kind="stable")
             k = np.empty(len(slot), np.int64)

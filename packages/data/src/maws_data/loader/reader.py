@@ -3,16 +3,17 @@
 Local tars: one `pread` per sample at its sidecar offset (any worker can read any shard; a few hundred
 descriptors are kept open, least recently used closed first).
 
-Remote tars (`s3://`, `http(s)://`, through fsspec), in blocks. The plan hands each reader stream of
-a rank one contiguous, rotated stretch of every shard of a window, read front to back batch after
-batch, and a DataLoader worker whose count divides `read_streams` (a power of two) reads adjacent
-streams: one contiguous stretch of each shard (plan.py). `BatchSource.ahead` gives the reader what
+Remote tars (`s3://`, `http(s)://`, through fsspec), in blocks. The plan hands each reader head one
+contiguous, rotated stretch of every shard of a window, read front to back batch after batch, and a
+rank's DataLoader worker (world size and worker count dividing `read_streams`, a power of two) reads
+adjacent heads: read_streams / world_size contiguous stretches of each shard (plan.py). `BatchSource.ahead` gives the reader what
 this process reads of a shard this epoch; those samples are cut into blocks: the samples that start
-in the same `block`-aligned cell of the tar, with no gap over AHEAD_GAP between them (a larger gap
-is bytes that this process does not read). A sample's block is fetched whole, with one ranged GET,
+in the same `block`-aligned cell of the tar, with no sample of another process and no gap over
+AHEAD_GAP between them (gaps this process may read through: tar headers, wsp's unlabeled rows,
+rows no resampled draw picked). A sample's block is fetched whole, with one ranged GET,
 when the first of its samples is needed, so the next batches of the stream find theirs in the
 cache; since blocks hold only this process's samples, no byte is fetched by two workers or ranks,
-and the count of requests is about (bytes read / block) + 2 per shard and process. A block is
+and the count of requests is about (bytes read / block) + 2 per stretch of a shard a process reads. A block is
 dropped when its last sample has been read, or, least recently used first, when the cache
 (`cache_bytes`) is full. The block is remote_block_bytes, or less, so that the blocks in use for
 each shard of the largest window that a process reads fit in the cache (`block_size`). The
@@ -41,29 +42,33 @@ from maws_data.loader.config import LoaderConfig
 from maws_data.loader.index import ShardIndex, retrying
 from maws_data.loader.plan import window_bounds
 
-# (offsets, ends) in the tar, sorted, of the samples of a shard this process reads (BatchSource.ahead)
-Ahead = Callable[[int], tuple[np.ndarray, np.ndarray]]
+# (offsets, ends) in the tar, sorted, of the samples of a shard this process reads, and the offsets of
+# those that other processes read (BatchSource.ahead)
+Ahead = Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
 MAX_OPEN = 512             # local descriptors kept open per process (> the shards of one batch)
 RUN_GAP = 1 << 20          # remote: samples closer than this in a tar are fetched in one range
 REMOTE_THREADS = 8         # remote: shards of a batch fetched in parallel
-AHEAD_GAP = 64 << 10       # remote blocks: a gap this small in what this process reads is fetched too
-                           # (unlabeled rows for wsp, rows no resampled draw picked), a larger one ends the block
+AHEAD_GAP = 256 << 10      # remote blocks: a gap this small in what this process reads is fetched too when
+                           # no other process reads in it (unlabeled rows for wsp, rows no draw picked)
 
 
-def block_budget(cfg: LoaderConfig, n_shards: int, processes: int) -> tuple[int, int]:
-    """(cache bytes per shard of the largest window, streams a process reads): a process reads all of a
-    window's shards at once, in the streams of its batches (read_streams / gcd(read_streams, processes))."""
+def block_budget(cfg: LoaderConfig, n_shards: int, processes: int, world_size: int) -> tuple[int, int]:
+    """(cache bytes per shard of the largest window, reader heads per process and shard): a process
+    reads all of a window's shards at once, each through the heads of its batches (plan.py): its
+    rank's slots (read_streams / world_size, at least 1) x its streams (read_streams / gcd with the
+    worker count)."""
     window = int(np.diff(window_bounds(n_shards, cfg.window_shards)).max()) if n_shards else 1
-    return cfg.remote_cache_bytes // window, cfg.read_streams // math.gcd(cfg.read_streams, max(1, processes))
+    v = cfg.read_streams
+    return cfg.remote_cache_bytes // window, max(1, v // world_size) * (v // math.gcd(v, max(1, processes)))
 
 
 def block_size(cap: int, per_shard: int, streams: int, reads: int) -> int:
     """The block for a shard of which this process reads `reads` bytes this epoch: as large as the
-    cache allows for each shard of a window (`per_shard`), up to `cap`. Each of the process's streams
-    reads the shard at its own place, so up to `streams` blocks of it are in use at once, but never
-    more than what it reads plus one block: min(streams x block, reads + block) <= per_shard."""
+    cache allows for each shard of a window (`per_shard`), up to `cap`. Each of the process's heads
+    (`streams`) reads the shard at its own place, so up to `streams` blocks of it are in use at once,
+    but never more than what it reads plus one block: min(streams x block, reads + block) <= per_shard."""
     return max(1, min(cap, max(per_shard // streams, per_shard - reads)))
 
 
@@ -102,15 +107,17 @@ class BlockCache:
             self.used -= len(old)
 
 
-def blocks_of(starts: np.ndarray, ends: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def blocks_of(starts: np.ndarray, ends: np.ndarray, others: np.ndarray,
+              block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blocks of a process's samples of one shard (sorted by start): runs of samples that start in the
-    same `block`-aligned cell of the tar with no gap over AHEAD_GAP. (block of each sample, block
-    starts, block ends)."""
+    same `block`-aligned cell of the tar, with no gap over AHEAD_GAP and no sample of another process
+    (`others`, sorted offsets) between them. (block of each sample, block starts, block ends)."""
     if not len(starts):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     reach = np.maximum.accumulate(ends)
     new = np.ones(len(starts), bool)
-    new[1:] = (starts[1:] // block != starts[:-1] // block) | (starts[1:] - reach[:-1] > AHEAD_GAP)
+    foreign = np.searchsorted(others, starts[1:]) != np.searchsorted(others, reach[:-1])
+    new[1:] = (starts[1:] // block != starts[:-1] // block) | (starts[1:] - reach[:-1] > AHEAD_GAP) | foreign
     first = np.flatnonzero(new)
     return np.cumsum(new) - 1, starts[first], np.maximum.reduceat(ends, first)
 
@@ -143,9 +150,10 @@ class ShardFiles:
         self._reset()
 
     @classmethod
-    def for_config(cls, index: ShardIndex, cfg: LoaderConfig, *, threads: int = 1, processes: int) -> ShardFiles:
-        """The reader of a loader whose batches are made by `processes` DataLoader workers (1: in-process)."""
-        per_shard, streams = block_budget(cfg, len(index), processes)
+    def for_config(cls, index: ShardIndex, cfg: LoaderConfig, *, threads: int = 1, processes: int,
+                   world_size: int) -> ShardFiles:
+        """The reader of a rank whose batches are made by `processes` DataLoader workers (1: in-process)."""
+        per_shard, streams = block_budget(cfg, len(index), processes, world_size)
         return cls(index, threads, block=cfg.remote_block_bytes, cache_bytes=cfg.remote_cache_bytes,
                    per_shard=per_shard, streams=streams)
 
@@ -248,13 +256,13 @@ class ShardFiles:
 
     def _partition(self, s: int, ahead: Ahead) -> tuple[np.ndarray, ...]:
         """The blocks of this process's samples of shard s, recomputed when `ahead` changes (an epoch)."""
-        starts, ends = ahead(s)
+        starts, ends, others = ahead(s)
         with self._parts_lock:
             part = self._parts.get(s)
             if part is None or part[0] is not starts:
                 reads = int(ends.max() - starts.min()) if len(starts) else 0
                 block = block_size(self.block, self.per_shard, self.streams, reads)
-                bid, bstart, bend = blocks_of(starts, ends, block)
+                bid, bstart, bend = blocks_of(starts, ends, others, block)
                 self._parts[s] = part = (starts, bid, bstart, bend, np.bincount(bid, minlength=len(bstart)))
             self._parts.move_to_end(s)
             while len(self._parts) > MAX_OPEN:

@@ -91,7 +91,7 @@ class BatchSource:
         self._shards: OrderedDict[tuple[int, int], _Shard] = OrderedDict()
         self._capacity = 2 * max(1, self.cfg.window_shards) + 16
         self._mine: OrderedDict[tuple[int, int], dict[int, np.ndarray]] = OrderedDict()  # (epoch, window) -> s -> ks
-        self._ahead: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # (epoch, s) ->
+        self._ahead: OrderedDict[tuple[int, int], tuple[np.ndarray, ...]] = OrderedDict()  # (epoch, s) -> ahead()
 
     def set_reader(self, workers: int, worker: int, epoch: int, start: int) -> None:
         """This process makes batches start+worker, start+worker+workers, ... of `epoch` (and, of any other
@@ -116,7 +116,7 @@ class BatchSource:
                                               epoch=epoch)
             self._plans[epoch] = plan.EpochPlan(counts, seed=self.cfg.seed, epoch=epoch, shuffle=self.cfg.shuffled,
                                                 window_shards=self.cfg.window_shards,
-                                                batch_size=self.cfg.batch_size, world_size=self.world_size,
+                                                global_batch=self.cfg.batch_size * self.world_size,
                                                 read_streams=self.cfg.read_streams)
             while len(self._plans) > 2:
                 self._plans.popitem(last=False)
@@ -161,9 +161,10 @@ class BatchSource:
             self._shards.popitem(last=False)
         return entry
 
-    def ahead(self, epoch: int, s: int) -> tuple[np.ndarray, np.ndarray]:
-        """(offsets, ends) in the tar, sorted, of every sample of shard s this process reads in `epoch`
-        (the same arrays on every call, until evicted)."""
+    def ahead(self, epoch: int, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets, ends) in the tar, sorted, of every sample of shard s this process reads in `epoch`,
+        and the sorted offsets of the shard's samples that only other processes read (a block must not
+        span them). The same arrays on every call, until evicted."""
         with self._lock:
             if (epoch, s) in self._ahead:
                 self._ahead.move_to_end((epoch, s))
@@ -177,8 +178,9 @@ class BatchSource:
             ks = self._mine[(epoch, w)].get(s, np.zeros(0, np.int64))
             entry = self.shard(epoch, s, int(p.counts[s]))
             rows = np.sort(entry.rows[ks])
-            offsets = entry.samples.jpg_offset[rows]
-            self._ahead[(epoch, s)] = out = (offsets, offsets + entry.samples.jpg_size[rows])
+            offsets = entry.samples.jpg_offset
+            others = offsets[np.setdiff1d(entry.rows, rows)]  # (sorted: offsets grow with the row)
+            self._ahead[(epoch, s)] = out = (offsets[rows], offsets[rows] + entry.samples.jpg_size[rows], others)
             while len(self._ahead) > self._capacity:
                 self._ahead.popitem(last=False)
             return out

@@ -48,7 +48,7 @@ class ShardLoader:
         self.skipped: Counter[str] = Counter(e["reason"] for e in index.excluded)
         self.skipped_samples: list[dict] = list(index.excluded)
         self.last_batch_keys: list[str] = []
-        self._files = ShardFiles.for_config(index, cfg, processes=cfg.num_workers)
+        self._files = ShardFiles.for_config(index, cfg, processes=cfg.num_workers, world_size=world_size)
         self._dali = None
         self._slots: torch.Tensor | None = None  # output buffers of this epoch's DataLoader workers
         self._pool: BufferPool | None = None      # output buffers of the in-process backend
