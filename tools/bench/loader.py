@@ -190,7 +190,7 @@ def run_ours(build: Path | str, task: str, backend: str, args, *, dali_device: s
     cfg = LoaderConfig(shards=str(build), task=task, batch_size=args.batch_size, image_size=args.size,
                        backend=backend, num_workers=args.workers, dali_threads=max(1, args.workers),
                        dali_device=dali_device, **options)
-    loader = build_loader(cfg)
+    loader = build_loader(cfg, rank=0, world_size=getattr(args, "world_size", 1))
 
     class Epochs:  # a new epoch (new order) per pass, as in training
         epoch = 0
@@ -251,7 +251,7 @@ def read_only(shards: str, task: str, args, **options) -> float:
     from maws_data.loader import LoaderConfig, build_loader
 
     loader = build_loader(LoaderConfig(shards=shards, task=task, batch_size=args.batch_size, backend="webdataset",
-                                       num_workers=0, **options))
+                                       num_workers=0, **options), rank=0, world_size=args.world_size)
     source, files = loader.source, loader._files
     source.set_reader(1, 0, 0, 0)
     t0 = time.perf_counter()
@@ -268,15 +268,16 @@ def run_remote(build: Path, args) -> list[dict]:
     counts = multiprocessing.get_context("fork").Array("q", 2)
     url = serve_http(build, counts)
     results = []
+    streams = {"read_streams": args.read_streams}
     for task in args.tasks:
-        imgs, secs = run_ours(build, task, "webdataset", args)
+        imgs, secs = run_ours(build, task, "webdataset", args, **streams)
         results.append({"task": task, "loader": "local", "images_per_s": imgs / secs})
         print(f"{task:5s} {'local':22s} {imgs / secs:9.1f} img/s", flush=True)
         for mib in args.remote_blocks:
             counts[0] = counts[1] = 0
-            imgs, secs = run_ours(url, task, "webdataset", args, remote_block_bytes=int(mib * (1 << 20)))
+            imgs, secs = run_ours(url, task, "webdataset", args, remote_block_bytes=int(mib * (1 << 20)), **streams)
             requests, nbytes = counts[0] / args.epochs, counts[1] / args.epochs
-            reading = read_only(url, task, args, remote_block_bytes=int(mib * (1 << 20)))
+            reading = read_only(url, task, args, remote_block_bytes=int(mib * (1 << 20)), **streams)
             name = f"http block {mib:g} MiB" if mib else "http per-batch ranges"
             results.append({"task": task, "loader": name, "images_per_s": imgs / secs, "requests_per_epoch": requests,
                             "mean_request_bytes": nbytes / max(1, requests), "bytes_per_epoch": nbytes,
@@ -302,6 +303,8 @@ def main() -> None:
     p.add_argument("--remote", action="store_true", help="only the remote read path (http) per block size")
     p.add_argument("--remote-blocks", nargs="+", type=float, default=[0, 8],
                    help="--remote: remote_block_bytes in MiB (0: one range per shard per batch)")
+    p.add_argument("--world-size", type=int, default=1, help="--remote: measure rank 0 of this many")
+    p.add_argument("--read-streams", type=int, default=8, help="--remote: LoaderConfig.read_streams")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)  # the main process only collates; workers do the work
@@ -315,6 +318,7 @@ def main() -> None:
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, load average {os.getloadavg()}", flush=True)
     results, http_url = [], None
     if args.remote:
+        print(f"remote: rank 0 of {args.world_size}, read_streams {args.read_streams}", flush=True)
         results = run_remote(build, args)
         args.tasks = []
     for task in args.tasks:

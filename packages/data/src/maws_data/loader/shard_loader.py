@@ -21,7 +21,8 @@ from maws_data.loader.index import ShardIndex, open_index
 from maws_data.loader.reader import ShardFiles
 from maws_data.loader.samples import BatchSource
 
-STATE_VERSION = 3  # 2: shard-window plans; 3: shards handed out per reader stream (older plans cannot be continued)
+# 2: shard-window plans; 3: + reader heads (`read_streams`; a version 2 state is the plan with read_streams=1)
+STATE_VERSION = 3
 # The faster CPU backend, which `backend="auto"` uses without a GPU: measured by tools/bench/loader.py
 # (docs/loader.md): webdataset 1.9-2.35x the ImageFolder baseline, dali-cpu 0.94-1.2x.
 CPU_AUTO_BACKEND: Literal["dali", "webdataset"] = "webdataset"
@@ -152,6 +153,8 @@ class ShardLoader:
                 "fingerprint": self.index.fingerprint, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, d: dict) -> None:
+        if d.get("version") == 2:  # shard windows without reader heads: the same plan as read_streams=1
+            d = {**d, "version": STATE_VERSION, "read_streams": 1}
         mine = self.state_dict()
         for k in ("version", "seed", "world_size", "batch_size", "task", "resample", "shuffle", "drop_last",
                   "window_shards", "read_streams", "shards", "samples"):
