@@ -307,6 +307,23 @@ def test_state_from_another_setup_is_refused(tiny_build, tmp_path):
     build_loader(cfg(tiny_build, batch_size=4)).load_state_dict(state)  # the same shards: accepted
 
 
+def test_a_version_2_state_resumes_as_the_plan_without_reader_heads(tiny_build):
+    """Version 2 states (shard windows, no reader heads) are the plan of read_streams=1: they resume there,
+    continuing with the same keys, and are refused, naming read_streams, with heads."""
+    old = build_loader(cfg(tiny_build, read_streams=1))
+    old.set_epoch(1)
+    it = iter(old)
+    next(it), next(it)
+    state = {k: v for k, v in old.state_dict().items() if k != "read_streams"} | {"version": 2}
+    rest = [k for b in old.plan_keys(1)[2:] for k in b]
+    with pytest.raises(ValueError, match="read_streams is 1 in the state, 8 here"):
+        build_loader(cfg(tiny_build)).load_state_dict(state)
+    resumed = build_loader(cfg(tiny_build, read_streams=1))
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    assert [k for b in epoch_keys(resumed) for k in b] == rest
+
+
 def test_too_few_samples_is_an_error(tiny_build):
     with pytest.raises(ValueError, match="fewer than world_size"):
         build_loader(cfg(tiny_build, batch_size=16), world_size=4)
