@@ -65,7 +65,7 @@ def test_load_encoder_errors_name_the_problem(exported, tmp_path):
     with pytest.raises(CheckpointError, match="does not match the model architecture"):
         load_encoder(run, variant="ti16")
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="cannot infer the ViT architecture"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'other.pth'}: cannot infer the ViT architecture"):
         load_encoder(tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="no encoder.safetensors"):
         load_encoder(tmp_path)
@@ -130,6 +130,21 @@ def test_our_export_loads_at_another_size(exported):
     assert info["kwargs"]["img_size"] == 64 and "from 32 px to 64 px" in info["notes"][0]
     with pytest.raises(CheckpointError, match="not a multiple of the mu patch size 8"):
         load_encoder(run, img_size=60)
+
+
+def test_a_rectangular_patch_grid_is_refused_naming_the_file(tmp_path):
+    """pos_embed over 1 cls + 4x6 patches (a 32x48 px model): the grid's shape is not in the file, so it is
+    neither inferred nor resampled (a guess would load wrong positions); the error names the file."""
+    from maws_train import wsp
+
+    state = build_encoder("mu", img_size=32).state_dict()
+    state["pos_embed"] = torch.randn(1, 1 + 4 * 6, 64)
+    torch.save(state, tmp_path / "rect.pth")
+    for kwargs in ({}, {"variant": "mu", "img_size": 32}):
+        with pytest.raises(CheckpointError, match=rf"{tmp_path / 'rect.pth'}: pos_embed has 25 tokens.*square"):
+            load_encoder(tmp_path / "rect.pth", **kwargs)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'rect.pth'}: pos_embed has 25 tokens.*4x4 grid"):
+        wsp.init_from(build_encoder("mu", img_size=32), str(tmp_path / "rect.pth"))
 
 
 def test_mae_finetuned_global_pool_layout_is_mapped_and_said(tmp_path):

@@ -161,7 +161,8 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int]:
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     grid = round((tokens - 1) ** 0.5)
     if grid * grid != tokens - 1:
-        raise CheckpointError(f"pos_embed has {tokens} tokens; expected 1 cls + a square patch grid")
+        raise CheckpointError(f"pos_embed has {tokens} tokens; expected 1 cls + a square patch grid "
+                              "(rectangular grids are not supported)")
     for name, v in VARIANTS.items():
         if (v.embed_dim, v.patch_size, v.depth, v.mlp_dim) == (width, patch, depth, mlp):
             return name, grid * patch
@@ -191,15 +192,19 @@ def fit_pos_embed(state: dict[str, torch.Tensor], model: VisionTransformer, *, s
     """Resample `state["pos_embed"]` (in place) to `model`'s patch grid when they differ: an encoder
     trained at one size (MAWS's 512 px fine-tunes, a 32 px test run) loaded at another. Bicubic, with
     the cls row kept as is (timm's `resample_abs_pos_embed`, what timm does for pretrained weights).
-    Returns a note saying what was done, or None when nothing was."""
+    Returns a note saying what was done, or None when nothing was; a file whose patch grid is not square
+    is a CheckpointError naming `source`."""
     pe, own = state.get("pos_embed"), getattr(model, "pos_embed", None)
     if pe is None or own is None or pe.shape == own.shape or pe.ndim != 3 or pe.shape[-1] != own.shape[-1]:
         return None  # same grid, or not a resampling case (load_into names the mismatch)
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-    old = math.isqrt(pe.shape[1] - prefix)
-    if old * old != pe.shape[1] - prefix:
-        return None
     new = list(model.patch_embed.grid_size)
+    old = math.isqrt(max(0, pe.shape[1] - prefix))
+    if old * old != pe.shape[1] - prefix:  # a rectangular grid: its shape is not in the file, so no guessing
+        raise CheckpointError(
+            f"{source}: pos_embed has {pe.shape[1]} tokens, not {prefix} prefix + a square patch grid, so it "
+            f"cannot be resampled to this model's {new[0]}x{new[1]} grid; load it at the size it was trained at"
+        )
     state["pos_embed"] = resample_abs_pos_embed(pe, new_size=new, old_size=[old, old], num_prefix_tokens=prefix)
     p = model.patch_embed.patch_size[0]
     return (f"{source}: pos_embed resampled (bicubic) from a {old}x{old} to a {new[0]}x{new[1]} patch grid, "
@@ -232,7 +237,10 @@ def load_encoder(
     native = int(meta["img_size"]) if meta is not None else None
     variant = variant or (meta["variant"] if meta is not None else None)
     if variant is None or native is None:
-        guessed_variant, guessed_size = infer_architecture(state)
+        try:
+            guessed_variant, guessed_size = infer_architecture(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{weights}: {e}") from None
         variant, native = variant or guessed_variant, native or guessed_size
     img_size = img_size or native
     try:
