@@ -5,25 +5,25 @@ descriptors are kept open, least recently used closed first).
 
 Remote tars (`s3://`, `http(s)://`, through fsspec), in blocks. The plan hands each reader head one
 contiguous, rotated stretch of every shard of a window, read front to back batch after batch, and a
-rank's DataLoader worker (world size and worker count dividing `read_streams`, a power of two) reads
-adjacent heads: read_streams / world_size contiguous stretches of each shard (plan.py). `BatchSource.ahead` gives the reader what
-this process reads of a shard this epoch; those samples are cut into blocks: the samples that start
-in the same `block`-aligned cell of the tar, with no sample of another process and no gap over
-AHEAD_GAP between them (gaps this process may read through: tar headers, wsp's unlabeled rows,
-rows no resampled draw picked). A sample's block is fetched whole, with one ranged GET,
-when the first of its samples is needed, so the next batches of the stream find theirs in the
-cache; since blocks hold only this process's samples, no byte is fetched by two workers or ranks,
-and the count of requests is about (bytes read / block) + 2 per stretch of a shard a process reads. A block is
-dropped when its last sample has been read, or, least recently used first, when the cache
-(`cache_bytes`) is full. The block is remote_block_bytes, or less, so that the blocks in use for
-each shard of the largest window that a process reads fit in the cache (`block_size`). The
-shards of one batch are fetched in parallel. remote_block_bytes=0: one ranged GET per run of nearby
-samples of a batch (the previous behaviour). A read that fails (dropped connection, timeout, 5xx) is
-retried with backoff (`index.RETRIES` attempts; a block is retried whole) before it becomes an
-error; a missing object is an error naming it at once.
+rank's DataLoader worker reads adjacent heads: read_streams / world_size contiguous stretches of each
+shard when the world size and the worker count divide `read_streams` (plan.py). `BatchSource.ahead`
+gives the reader what this process reads of a shard this epoch; those samples are cut into blocks:
+the samples that start in the same `block`-aligned cell of the tar, with no sample of another
+process and no gap over AHEAD_GAP between them (gaps this process may read through: tar headers,
+wsp's unlabeled rows, rows no resampled draw picked). A block is fetched whole, with one ranged GET,
+when the first of its samples is needed, and the next batches find theirs in the cache; since
+blocks hold only this process's samples, no byte is fetched by two workers or ranks, and the
+requests number about (bytes read / block) + 2 per stretch of a shard. A block is dropped when its
+last sample has been read, or, least recently used first, when the cache (`cache_bytes`) is full.
+The block is remote_block_bytes, or less, so that the blocks in use for each shard of the largest
+window fit in the cache (`block_size`). The shards of one batch are fetched in parallel.
+remote_block_bytes=0: one ranged GET per run of nearby samples of a batch (the reader before blocks,
+for comparison). A read that fails (dropped connection, timeout, 5xx) is retried with backoff
+(`index.RETRIES` attempts; a block is retried whole) before it becomes an error; a missing object
+is an error naming it at once.
 
 Memory: O(batch bytes) plus O(open descriptors); remote: the block cache (<= cache_bytes; in use
-about window_shards x streams per process x block) plus the blocks of the batch being read.
+about window_shards x min(heads x block, stretch + block)) plus the blocks of the batch being read.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ class ShardFiles:
             if len(starts) and starts[i] == o:
                 k = int(bid[i])
                 key = (s, int(bstart[k]), int(bend[k]))
-            else:  # not among this process's planned samples (cannot happen with a plan): read it alone
+            else:  # not among the samples `ahead` planned for this process: read it alone
                 k, key = -1, (s, o, o + n)
             data = fetched.get(key) or self.cache.get(key)
             if data is None:
