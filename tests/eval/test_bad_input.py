@@ -265,3 +265,11 @@ def test_report_over_different_subsets_splits_tables_and_warns(encoder, tmp_path
     result, out = invoke("report", str(tmp_path / "res4"), "--out", str(tmp_path / "rep1"))
     rep = json.loads((tmp_path / "rep1" / "report.json").read_text())
     assert list(rep["datasets"]) == ["data"] and rep["warnings"] == [] and "warning" not in out
+
+
+def test_broken_encoder_json_is_an_exit_2_naming_it(tmp_path):
+    export_encoder(build_encoder("mu", img_size=32), tmp_path / "enc", variant="mu", img_size=32)
+    (tmp_path / "enc" / "encoder.json").write_text("{truncated")
+    result, out = invoke("knn", str(tmp_path / "enc"), "--data", str(tree(tmp_path / "data")),
+                         "--out", str(tmp_path / "res"), *FAST)
+    assert_clean_error(result, out, str(tmp_path / "enc" / "encoder.json"), "no valid img_size", "re-export")

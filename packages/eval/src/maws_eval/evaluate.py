@@ -97,7 +97,11 @@ def encoder_image_size(path: str | Path) -> int | None:
     """img_size from encoder.json beside the weights (no model load), else None."""
     info = weights_file(path).with_name(ENCODER_INFO)
     if weights_file(path).name == ENCODER_WEIGHTS and info.is_file():
-        return int(json.loads(info.read_text())["img_size"])
+        try:
+            return int(json.loads(info.read_text())["img_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"encoder {path}: {info} has no valid img_size ({type(e).__name__}: {e}); "
+                             "re-export the encoder, or delete that file to have the architecture read from the weights") from None
     return None
 
 
