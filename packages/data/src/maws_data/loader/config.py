@@ -29,7 +29,7 @@ class LoaderConfig:
     read_streams: int = 8           # per rank, a power of two: each reads every shard front to back (plan.py);
                                     # worker counts that divide it read remote shards in large blocks
     remote_block_bytes: int = 8 << 20   # remote shards: ranged reads of up to this much (0: one range per batch)
-    remote_cache_bytes: int = 256 << 20  # remote shards: block cache per reading process (reader.py)
+    remote_cache_bytes: int = 256 << 20  # remote shards: block cache per reading process (reader.py; 0: no blocks)
 
     def __post_init__(self):
         if self.task not in ("mae", "wsp", "eval"):

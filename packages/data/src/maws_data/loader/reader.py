@@ -17,8 +17,8 @@ requests number about (bytes read / block) + 2 per stretch of a shard. A block i
 last sample has been read, or, least recently used first, when the cache (`cache_bytes`) is full.
 The block is remote_block_bytes, or less, so that the blocks in use for each shard of the largest
 window fit in the cache (`block_size`). The shards of one batch are fetched in parallel.
-remote_block_bytes=0: one ranged GET per run of nearby samples of a batch (the reader before blocks,
-for comparison). A read that fails (dropped connection, timeout, 5xx) is retried with backoff
+remote_block_bytes=0 or remote_cache_bytes=0: one ranged GET per run of nearby samples of a batch
+(the reader before blocks, for comparison). A read that fails (dropped connection, timeout, 5xx) is retried with backoff
 (`index.RETRIES` attempts; a block is retried whole) before it becomes an error; a missing object
 is an error naming it at once.
 
@@ -190,7 +190,7 @@ class ShardFiles:
 
             def fetch(r: np.ndarray) -> list[bytes]:
                 s = int(shard[r[0]])
-                if self.block and ahead is not None:
+                if self.block and self.cache_bytes and ahead is not None:  # (no cache: per-batch ranges)
                     return self._blocks(s, offset[r], size[r], ahead)
                 return self._remote(s, offset[r], size[r])
 
