@@ -273,3 +273,12 @@ def test_broken_encoder_json_is_an_exit_2_naming_it(tmp_path):
     result, out = invoke("knn", str(tmp_path / "enc"), "--data", str(tree(tmp_path / "data")),
                          "--out", str(tmp_path / "res"), *FAST)
     assert_clean_error(result, out, str(tmp_path / "enc" / "encoder.json"), "no valid img_size", "re-export")
+
+
+def test_rectangular_pos_embed_is_an_exit_2_naming_the_file(tmp_path):
+    state = _timm_state(img_size=32)
+    state["pos_embed"] = torch.randn(1, 1 + 4 * 6, 64)  # a 32x48 px model: 4x6 patches
+    torch.save(state, tmp_path / "rect.pth")
+    result, out = invoke("knn", str(tmp_path / "rect.pth"), "--data", str(tree(tmp_path / "data")),
+                         "--out", str(tmp_path / "res"), *FAST)
+    assert_clean_error(result, out, str(tmp_path / "rect.pth"), "pos_embed has 25 tokens", "square")
