@@ -38,7 +38,6 @@ import io
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +212,7 @@ def scan_unit(task: UnitTask) -> dict:
     write_bytes(_unit_url(task.work, task.unit), _spill_bytes(usable, task.buckets))
     table = _tags_of(task.work, task.fingerprint, KNOWN_NAME) if task.warm else None
     tags, tag_counts, synset_counts = mine_counts(captions, table, require_complete=True)
-    counts = None if tag_counts is None else {"tags": tag_counts, "synsets": synset_counts}
+    counts = None if tag_counts is None else {"tags": _pairs(tag_counts), "synsets": _pairs(synset_counts)}
     return {"tags": tags, "usable": usable.height, "counts": counts}
 
 
@@ -292,7 +291,43 @@ def count_unit(task: UnitTask) -> dict:
         dup = df["row"].is_in(ex.filter(pl.col("reason") == "duplicate_key")["row"].implode())
         keep = keep & (dup if task.dups_only else ~dup)
     _, tag_counts, synset_counts = mine_counts(captions.filter(keep), _tags_of(task.work, task.fingerprint))
-    return {"tags": tag_counts, "synsets": synset_counts}
+    return {"tags": _pairs(tag_counts), "synsets": _pairs(synset_counts)}
+
+
+def _pairs(counts: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Counts as two lists: cheaper to pickle back to the driver, and merged there in bulk."""
+    return list(counts), list(counts.values())
+
+
+class _Totals:
+    """Sums of (name, count) lists from many tasks, merged in batches with polars (a Python dict
+    update per entry would make the driver the text pass's bottleneck). Memory: O(distinct names)."""
+
+    def __init__(self):
+        self.total = pl.DataFrame(schema={"name": pl.String, "count": pl.Int64})
+        self.pending: list[pl.DataFrame] = []
+        self.pending_rows = 0
+
+    def add(self, pairs: tuple[list[str], list[int]], sign: int = 1) -> None:
+        names, counts = pairs
+        if names:
+            self.pending.append(pl.DataFrame({"name": names, "count": counts},
+                                             schema={"name": pl.String, "count": pl.Int64}))
+            if sign < 0:
+                self.pending[-1] = self.pending[-1].with_columns(-pl.col("count"))
+            self.pending_rows += len(names)
+            if self.pending_rows > 250_000:
+                self._fold()
+
+    def _fold(self) -> None:
+        if self.pending:
+            self.total = pl.concat([self.total, *self.pending]).group_by("name").agg(pl.col("count").sum())
+            self.pending, self.pending_rows = [], 0
+
+    def result(self) -> dict[str, int]:
+        self._fold()
+        kept = self.total.filter(pl.col("count") > 0)
+        return dict(zip(kept["name"].to_list(), kept["count"].to_list()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,15 +357,14 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
     distinct: set[str] = set()
-    tag_counts: Counter = Counter()
-    synset_counts: Counter = Counter()
+    tag_counts, synset_counts = _Totals(), _Totals()
     counted: set[int] = set()
     for task, res in runner.map(scan_unit, units, desc="text: scan", total_rows=plan.rows):
         distinct.update(res["tags"])
         if res["counts"] is not None:
             counted.add(task.unit)
-            tag_counts.update(res["counts"]["tags"])
-            synset_counts.update(res["counts"]["synsets"])
+            tag_counts.add(res["counts"]["tags"])
+            synset_counts.add(res["counts"]["synsets"])
     exceptions, dup_units = False, set()
     starts = tuple(u.row0 for u in plan.units)
     for _, res in runner.map(resolve_keys, [KeyTask(b, work, len(units), starts) for b in range(buckets)],
@@ -345,9 +379,9 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
                      dups_only=u.unit in counted) for u in units if u.unit not in counted or u.unit in dup_units]
     for task, res in runner.map(count_unit, todo, desc="text: count", total_rows=sum(t.rows for t in todo)):
         sign = -1 if task.dups_only else 1
-        tag_counts.update({t: sign * c for t, c in res["tags"].items()})
-        synset_counts.update({w: sign * c for w, c in res["synsets"].items()})
-    return TextResult({t: c for t, c in tag_counts.items() if c > 0}, {w: c for w, c in synset_counts.items() if c > 0},
+        tag_counts.add(res["tags"], sign)
+        synset_counts.add(res["synsets"], sign)
+    return TextResult(tag_counts.result(), synset_counts.result(),
                       {t: mapping[t] for t in distinct}, buckets, exceptions, mapped_now)
 
 
