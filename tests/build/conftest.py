@@ -105,6 +105,13 @@ class ImageServer:
 
 
 @pytest.fixture
+def folder_server() -> type[ImageServer]:
+    """`with folder_server(path) as server:` serves any folder on 127.0.0.1 (a fixture, because
+    `from conftest import ...` picks whichever conftest module pytest imported first)."""
+    return ImageServer
+
+
+@pytest.fixture
 def image_server():
     """A server for ../shared/data/instagram (so `<url>/images/<file>.jpg` works)."""
     if not CAPTIONS.is_file():

@@ -65,10 +65,8 @@ def test_s3_source_with_relative_images(tiny_source, tiny_build, s3_prefix):
     assert manifest["inputs"][0]["path"] == f"{s3_prefix}/src/part-0.parquet" and manifest["inputs"][0]["etag"]
 
 
-def test_http_source_file(tiny_source, tiny_build, tmp_path):
-    from conftest import ImageServer
-
-    with ImageServer(tiny_source.parent) as server:  # no range requests: the file is fetched once
+def test_http_source_file(tiny_source, tiny_build, tmp_path, folder_server):
+    with folder_server(tiny_source.parent) as server:  # no range requests: the file is fetched once
         out = build(BuildConfig(source=f"{server.url}/captions.parquet", out=str(tmp_path / "out"), **TINY))
     got, want = local_digests(out), local_digests(tiny_build)
     same = [k for k in want if k.endswith((".tar", ".idx", ".npz", ".tsv", ".jsonl"))]
