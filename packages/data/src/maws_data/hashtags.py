@@ -24,6 +24,7 @@ above run only once per DISTINCT chunk (cached), never once per caption.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -179,12 +180,14 @@ def mine_counts(texts: pl.Series, lookup: Mapping[str, Sequence[str]] | None = N
     n_tags = max(len(_TAG_NAMES), 1)
     present = np.flatnonzero(np.bincount(pair_tags, minlength=n_tags)) if len(pair_tags) else pair_tags
     tags = [_TAG_NAMES[i] for i in present]
-    if lookup is None or (require_complete and not lookup.keys() >= set(tags)):
+    if lookup is None:
+        return tags, None, None
+    out_names, per_tag, known = _outputs_of(lookup)
+    if require_complete and not known(present).all():
         return tags, None, None
     uniq = _unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
     urows, utags = uniq // n_tags, uniq % n_tags
     tag_counts = np.bincount(utags, minlength=n_tags)
-    out_names, per_tag = _outputs_of(lookup)
     local = np.full(n_tags, -1, np.int64)
     local[present] = np.arange(len(present))
     out_rows, outs = _expand_ids(urows, local[utags], [per_tag(i) for i in present.tolist()])
@@ -199,8 +202,10 @@ _outputs: dict[int, tuple] = {}
 
 
 def _outputs_of(lookup: Mapping[str, Sequence[str]]):
-    """(output names, tag id -> output ids) for one lookup table, memoised per process: a worker
-    counts unit after unit against the same table."""
+    """(output names, tag id -> output ids, tag ids -> in lookup?) for one lookup table, memoised per
+    process: a worker counts unit after unit against the same table."""
+    import numpy as np
+
     key = id(lookup)
     if key not in _outputs or _outputs[key][0] is not lookup:
         names: list[str] = []
@@ -220,9 +225,18 @@ def _outputs_of(lookup: Mapping[str, Sequence[str]]):
                 hit = memo[tag_id] = [out_id(w) for w in lookup.get(_TAG_NAMES[tag_id], ())]
             return hit
 
+        flags = np.zeros(0, bool)  # tag id -> in lookup, for the ids seen so far
+
+        def known(tag_ids):
+            nonlocal flags
+            if len(flags) < len(_TAG_NAMES):  # only tags new to this process are looked up
+                new = [name in lookup for name in _TAG_NAMES[len(flags):]]
+                flags = np.concatenate([flags, np.array(new, bool)])
+            return flags[tag_ids]
+
         _outputs.clear()
-        _outputs[key] = (lookup, names, per_tag)
-    return _outputs[key][1], _outputs[key][2]
+        _outputs[key] = (lookup, names, per_tag, known)
+    return _outputs[key][1], _outputs[key][2], _outputs[key][3]
 
 
 _TAG_IDS: dict[str, int] = {}
@@ -258,7 +272,7 @@ def _expand_ids(rows, codes, ragged: list[list[int]]):
     import numpy as np
 
     lens = np.fromiter(map(len, ragged), np.int64, len(ragged))
-    flat = np.fromiter((i for r in ragged for i in r), np.int64, int(lens.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ragged), np.int64, int(lens.sum()))  # C-level flatten
     starts = np.cumsum(lens) - lens
     per = lens[codes]
     end = np.cumsum(per)
