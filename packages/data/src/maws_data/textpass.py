@@ -213,7 +213,7 @@ def _usable_text(task: UnitTask) -> tuple[pl.DataFrame, pl.Series]:
 
 
 def scan_unit(task: UnitTask) -> dict:
-    """Round 1 (module docstring). Returns {"tags": distinct hashtags, "usable": rows}."""
+    """Round 1 (module docstring). Returns {"tags": distinct hashtags (a Series), "usable": rows, "counts"}."""
     df, captions = _usable_text(task)
     usable = df.filter(pl.col("reason").is_null()).select("row", "key")
     usable = usable.with_columns(safe_keys(usable["key"]).alias("safe"))
@@ -221,8 +221,8 @@ def scan_unit(task: UnitTask) -> dict:
     write_bytes(_unit_url(task.work, task.unit), _spill_bytes(usable, task.buckets))
     table = _tags_of(task.work, task.fingerprint, KNOWN_NAME) if task.warm else None
     tags, tag_counts, synset_counts = mine_counts(captions, table, require_complete=True)
-    counts = None if tag_counts is None else {"tags": _pairs(tag_counts), "synsets": _pairs(synset_counts)}
-    return {"tags": tags, "usable": usable.height, "counts": counts}
+    counts = None if tag_counts is None else {"tags": _frame(tag_counts), "synsets": _frame(synset_counts)}
+    return {"tags": pl.Series("name", tags, dtype=pl.String), "usable": usable.height, "counts": counts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,12 +301,14 @@ def count_unit(task: UnitTask) -> dict:
         dup = df["row"].is_in(ex.filter(pl.col("reason") == "duplicate_key")["row"].implode())
         keep = keep & (dup if task.dups_only else ~dup)
     _, tag_counts, synset_counts = mine_counts(captions.filter(keep), _tags_of(task.work, task.fingerprint))
-    return {"tags": _pairs(tag_counts), "synsets": _pairs(synset_counts)}
+    return {"tags": _frame(tag_counts), "synsets": _frame(synset_counts)}
 
 
-def _pairs(counts: dict[str, int]) -> tuple[list[str], list[int]]:
-    """Counts as two lists: cheaper to pickle back to the driver, and merged there in bulk."""
-    return list(counts), list(counts.values())
+def _frame(counts: dict[str, int]) -> pl.DataFrame:
+    """Counts as a (name, count) frame, built in the worker: it pickles as Arrow buffers, so the
+    driver unpickles no Python string and merges it in bulk."""
+    return pl.DataFrame({"name": list(counts), "count": list(counts.values())},
+                        schema={"name": pl.String, "count": pl.Int64})
 
 
 class _Totals:
@@ -318,14 +320,10 @@ class _Totals:
         self.pending: list[pl.DataFrame] = []
         self.pending_rows = 0
 
-    def add(self, pairs: tuple[list[str], list[int]], sign: int = 1) -> None:
-        names, counts = pairs
-        if names:
-            self.pending.append(pl.DataFrame({"name": names, "count": counts},
-                                             schema={"name": pl.String, "count": pl.Int64}))
-            if sign < 0:
-                self.pending[-1] = self.pending[-1].with_columns(-pl.col("count"))
-            self.pending_rows += len(names)
+    def add(self, counts: pl.DataFrame, sign: int = 1) -> None:
+        if counts.height:
+            self.pending.append(counts.with_columns(-pl.col("count")) if sign < 0 else counts)
+            self.pending_rows += counts.height
             if self.pending_rows > 250_000:
                 self._fold()
 
@@ -338,6 +336,31 @@ class _Totals:
         self._fold()
         kept = self.total.filter(pl.col("count") > 0)
         return dict(zip(kept["name"].to_list(), kept["count"].to_list()))
+
+
+class _Distinct:
+    """The union of many tasks' tag Series, folded with polars every 250k entries (a Python set
+    update per unit cost the driver more CPU than it can spare). Memory: O(distinct tags)."""
+
+    def __init__(self):
+        self.total = pl.Series("name", [], dtype=pl.String)
+        self.pending: list[pl.Series] = []
+        self.pending_rows = 0
+
+    def add(self, tags: pl.Series) -> None:
+        self.pending.append(tags)
+        self.pending_rows += len(tags)
+        if self.pending_rows > 250_000:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.pending:
+            self.total = pl.concat([self.total, *self.pending]).unique()
+            self.pending, self.pending_rows = [], 0
+
+    def result(self) -> set[str]:
+        self._fold()
+        return set(self.total.to_list())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,11 +389,10 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         write_bytes(storage.join(work, KNOWN_NAME), _tag_table_bytes(names, [cached[t][0] for t in names]))
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
-    distinct: set[str] = set()
-    tag_counts, synset_counts = _Totals(), _Totals()
+    seen, tag_counts, synset_counts = _Distinct(), _Totals(), _Totals()
     counted: set[int] = set()
     for task, res in runner.map(scan_unit, units, desc="text: scan", total_rows=plan.rows):
-        distinct.update(res["tags"])
+        seen.add(res["tags"])
         if res["counts"] is not None:
             counted.add(task.unit)
             tag_counts.add(res["counts"]["tags"])
@@ -381,6 +403,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
                              desc="text: keys"):
         exceptions |= bool(res["duplicates"] or res["renamed"])
         dup_units.update(res["dup_units"])
+    distinct = seen.result()
     mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached)
     mapped = sorted(t for t in distinct if mapping[t][0])
     write_bytes(storage.join(work, TAGS_NAME), _tag_table_bytes(mapped, [mapping[t][0] for t in mapped]))
