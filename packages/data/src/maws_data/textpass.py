@@ -136,9 +136,9 @@ def _spill_bytes(usable: pl.DataFrame, buckets: int) -> bytes:
     # bucket), then zero-copy slices per bucket: a polars partition + conversion per bucket cost more
     import numpy as np
 
+    usable = usable.sort("bucket", maintain_order=True)  # in polars: pa.array(numpy) would import pandas
     bucket = usable["bucket"].to_numpy()
-    order = np.argsort(bucket, kind="stable")
-    table = usable.select("row", "key", "safe").to_arrow().cast(SPILL_SCHEMA).take(pa.array(order))
+    table = usable.select("row", "key", "safe").to_arrow().cast(SPILL_SCHEMA)
     sizes = np.bincount(bucket, minlength=buckets) if len(bucket) else np.zeros(buckets, np.int64)
     blobs: dict[int, bytes] = {}
     start = 0
@@ -286,7 +286,7 @@ def _tags_of(work: str, fingerprint: str, name: str = "") -> dict[str, tuple[str
     if key not in _tag_table:
         if len(_tag_table) > 1:
             _tag_table.clear()
-        table = pq.read_table(io.BytesIO(read_bytes(storage.join(work, name))))
+        table = pq.ParquetFile(io.BytesIO(read_bytes(storage.join(work, name)))).read()  # read_table imports pandas
         _tag_table[key] = dict(zip(table.column("hashtag").to_pylist(), map(tuple, table.column("wnids").to_pylist())))
     return _tag_table[key]
 
@@ -467,7 +467,7 @@ def load_mapping_cache(mapping_cfg, cache_dir: str | None) -> dict[str, tuple[tu
     if path is None or not path.is_file():
         return {}
     try:
-        t = pq.read_table(path)
+        t = pq.ParquetFile(path).read()  # not read_table: its dataset layer imports pandas (~0.5 s)
         return {h: (tuple(w), r) for h, w, r in zip(t.column("hashtag").to_pylist(), t.column("wnids").to_pylist(),
                                                    t.column("rule").to_pylist())}
     except Exception:  # noqa: BLE001 - a broken cache is only a slower build
