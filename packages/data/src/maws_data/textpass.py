@@ -419,9 +419,15 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
 
 
 def _tag_table_bytes(tags: list[str], wnids: list) -> bytes:
-    """(hashtag, wnids list) as parquet; built with pyarrow, ~10x faster than polars from Python lists."""
-    table = pa.table({"hashtag": pa.array(tags, pa.string()), "wnids": pa.array([list(w) for w in wnids],
-                                                                              pa.list_(pa.string()))})
+    """(hashtag, wnids list) as parquet, built from flat columns: a polars list column from Python
+    lists is ~10x slower, and pa.array imports pandas (~0.5 s of the driver's serial time)."""
+    import numpy as np
+
+    lens = np.fromiter(map(len, wnids), np.int64, len(wnids))
+    offsets = pl.Series(np.concatenate([[0], np.cumsum(lens)]), dtype=pl.Int64).to_arrow()
+    flat = pl.Series([w for ws in wnids for w in ws], dtype=pl.String).to_arrow()
+    table = pa.table({"hashtag": pl.Series(tags, dtype=pl.String).to_arrow(),
+                      "wnids": pa.LargeListArray.from_arrays(offsets, flat)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
