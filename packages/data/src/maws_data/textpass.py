@@ -222,7 +222,9 @@ def scan_unit(task: UnitTask) -> dict:
     table = _tags_of(task.work, task.fingerprint, KNOWN_NAME) if task.warm else None
     tags, tag_counts, synset_counts = mine_counts(captions, table, require_complete=True)
     counts = None if tag_counts is None else {"tags": _frame(tag_counts), "synsets": _frame(synset_counts)}
-    return {"tags": pl.Series("name", tags, dtype=pl.String), "usable": usable.height, "counts": counts}
+    # counted: the tags are the names of counts["tags"] (each has a count >= 1), not shipped twice
+    tags = None if counts is not None else pl.Series("name", tags, dtype=pl.String)
+    return {"tags": tags, "usable": usable.height, "counts": counts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +334,11 @@ class _Totals:
             self.total = pl.concat([self.total, *self.pending]).group_by("name").agg(pl.col("count").sum())
             self.pending, self.pending_rows = [], 0
 
+    def names(self) -> set[str]:
+        """Every name added so far (counts of 0 included)."""
+        self._fold()
+        return set(self.total["name"].to_list())
+
     def result(self) -> dict[str, int]:
         self._fold()
         kept = self.total.filter(pl.col("count") > 0)
@@ -392,8 +399,9 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     seen, tag_counts, synset_counts = _Distinct(), _Totals(), _Totals()
     counted: set[int] = set()
     for task, res in runner.map(scan_unit, units, desc="text: scan", total_rows=plan.rows):
-        seen.add(res["tags"])
-        if res["counts"] is not None:
+        if res["counts"] is None:
+            seen.add(res["tags"])
+        else:
             counted.add(task.unit)
             tag_counts.add(res["counts"]["tags"])
             synset_counts.add(res["counts"]["synsets"])
@@ -403,7 +411,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
                              desc="text: keys"):
         exceptions |= bool(res["duplicates"] or res["renamed"])
         dup_units.update(res["dup_units"])
-    distinct = seen.result()
+    distinct = seen.result() | tag_counts.names()  # before round 3 subtracts duplicates: every tag seen
     mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached)
     mapped = sorted(t for t in distinct if mapping[t][0])
     write_bytes(storage.join(work, TAGS_NAME), _tag_table_bytes(mapped, [mapping[t][0] for t in mapped]))
