@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,12 +120,15 @@ def run_build(source: Path, out: Path, processes: int, cache: Path, *, text_only
            "--timeout", "2", "--no-progress", "--mapping-cache", str(cache)]
     env = {**os.environ, "NLTK_DATA": os.environ.get("NLTK_DATA", str(SHARED / "nltk_data"))}
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # own session: --text-only kills the whole group, else the pool's workers outlive the driver and
+    # keep running image tasks, slowing the next build
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     me = psutil.Process(proc.pid)
     driver = worker = 0
     while proc.poll() is None:
         if text_only and (out / "hashtag_map.tsv").exists():
-            proc.kill()  # the text pass is over: the image pass is not measured
+            os.killpg(proc.pid, signal.SIGKILL)  # the text pass is over: the image pass is not measured
             proc.wait()
             return Run(0, processes, time.time() - t0, (out / "hashtag_map.tsv").stat().st_mtime - t0,
                        driver / 2**20, worker / 2**20, 0)
