@@ -104,7 +104,7 @@ def s3_server(tmp_path_factory):
     cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", f"-bucket={S3_BUCKET}",
            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
            f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", f"-webdav.port={ports['webdav']}"]
-    log = open(data / "weed.log", "wb")
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - held open for the server's whole life
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     deadline = time.monotonic() + 60
@@ -153,3 +153,27 @@ def s3_prefix(s3_server, request) -> str:
     import uuid
 
     return f"s3://{s3_server['bucket']}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def two_gloo_ranks():
+    """`two_gloo_ranks(args, timeout)`: `torchrun --standalone --nproc_per_node=2 ARGS` on gloo (one
+    thread per rank), in its own session so that a timeout kills the launcher's workers with it;
+    asserts it exited 0 and shows the end of its stderr when not."""
+    import signal
+    import subprocess
+    import sys
+
+    def run(args: list[str], timeout: int) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, stderr[-3000:]
+
+    return run

@@ -5,10 +5,6 @@ step all-reduced), no sample twice in an epoch and none on both ranks."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,29 +12,19 @@ import pytest
 SCRIPT = Path(__file__).with_name("dist_epochs.py")
 
 
-def torchrun(build: Path, out: Path, *extra: str) -> None:
+def torchrun(run, build: Path, out: Path, *extra: str) -> None:
     """The script on 2 gloo processes (one thread each), killed with its workers after 300 s."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-           str(build), str(out), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run([str(SCRIPT), str(build), str(out), *extra], 300)
 
 
 @pytest.mark.dist
-def test_two_ranks_three_epochs_with_a_resume_in_the_middle(tiny_build, tmp_path):
-    torchrun(tiny_build, tmp_path / "whole")
-    torchrun(tiny_build, tmp_path / "cut", "--stop", "1", "4")
+def test_two_ranks_three_epochs_with_a_resume_in_the_middle(tiny_build, tmp_path, two_gloo_ranks):
+    torchrun(two_gloo_ranks, tiny_build, tmp_path / "whole")
+    torchrun(two_gloo_ranks, tiny_build, tmp_path / "cut", "--stop", "1", "4")
     state = json.loads((tmp_path / "cut" / "state-0.json").read_text())
     assert (state["epoch"], state["batches"]) == (1, 4)  # a few integers locate the position
-    torchrun(tiny_build, tmp_path / "cut", "--resume")
+    torchrun(two_gloo_ranks, tiny_build, tmp_path / "cut", "--resume")
     whole = [json.loads((tmp_path / "whole" / f"keys-{r}.json").read_text()) for r in range(2)]
     cut = [json.loads((tmp_path / "cut" / f"keys-{r}.json").read_text()) for r in range(2)]
     assert cut == whole

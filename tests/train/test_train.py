@@ -7,7 +7,6 @@ the subprocess tests (SIGKILL + resume, 2-process gloo) pay mostly for Python/to
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -217,21 +216,10 @@ def test_resume_with_other_settings_is_refused(mae_run, tiny_build, tmp_path):
     mae.run(mae_cfg(tiny_build, run, "run.log_every=3", "run.keep_ckpts=3"))  # allowed: resumes (already done)
 
 
-def torchrun(kind: str, build: Path, out: Path, *sets: str) -> None:
+def torchrun(run, kind: str, build: Path, out: Path, *sets: str) -> None:
     """`maws-train KIND` on 2 gloo processes (one thread each), killed with its workers after 400 s."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "maws_train.cli", kind, f"mu_{kind}", "--shards", str(build), "--out", str(out),
-           *[a for s in MAE_SETS + list(sets) for a in ("--set", s)]]
-    # Own session, so that a timeout takes the launcher's worker processes down with it.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run(["-m", "maws_train.cli", kind, f"mu_{kind}", "--shards", str(build), "--out", str(out),
+         *[a for s in MAE_SETS + list(sets) for a in ("--set", s)]], 400)
 
 
 @pytest.mark.dist
@@ -240,11 +228,11 @@ def torchrun(kind: str, build: Path, out: Path, *sets: str) -> None:
     pytest.param("mae", "fsdp", marks=pytest.mark.slow),
     pytest.param("wsp", "ddp", marks=pytest.mark.slow),
 ])
-def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, kind, parallel):
+def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, kind, parallel, two_gloo_ranks):
     sets = ["run.steps=4", "run.log_every=1", "run.ckpt_every=4", f"run.parallel={parallel}"]
     make_cfg, loop = (mae_cfg, mae) if kind == "mae" else (wsp_cfg, wsp)
     single = loop.run(make_cfg(tiny_build, tmp_path / "one", *sets))
-    torchrun(kind, tiny_build, tmp_path / "two", *sets)
+    torchrun(two_gloo_ranks, kind, tiny_build, tmp_path / "two", *sets)
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["derived"]["world_size"] == 2 and config["derived"]["local_batch"] == 8
     one, two = losses(single), losses(tmp_path / "two")
@@ -258,7 +246,7 @@ def test_two_gloo_processes_match_one_process(tiny_build, tmp_path, kind, parall
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_fsdp_checkpoints_are_sharded_and_resume_exactly(tiny_build, tmp_path):
+def test_fsdp_checkpoints_are_sharded_and_resume_exactly(tiny_build, tmp_path, two_gloo_ranks):
     """2 FSDP2 processes: each checkpoint is one model and one optimizer file per rank (nothing gathered);
     the shards put together are the exported encoder, WSP --init reads them, and a run cut back to its
     step-2 checkpoint and resumed on 2 processes ends with the uninterrupted run's weights and losses."""
@@ -266,7 +254,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_exactly(tiny_build, tmp_path):
 
     sets = ("run.steps=4", "run.ckpt_every=2", "run.keep_ckpts=0", "run.log_every=1", "run.parallel=fsdp")
     whole = tmp_path / "whole"
-    torchrun("mae", tiny_build, whole, *sets)
+    torchrun(two_gloo_ranks, "mae", tiny_build, whole, *sets)
     step2 = whole / "ckpt" / "step_000002"
     assert sorted(p.name for p in step2.iterdir()) == [
         "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
@@ -281,7 +269,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_exactly(tiny_build, tmp_path):
     shutil.rmtree(cut / "ckpt" / "step_000004")
     for name in ("encoder.safetensors", "encoder.json"):
         (cut / name).unlink()
-    torchrun("mae", tiny_build, cut, *sets)
+    torchrun(two_gloo_ranks, "mae", tiny_build, cut, *sets)
     resumed = load_file(str(cut / "encoder.safetensors"))
     assert all(torch.equal(resumed[k], exported[k]) for k in exported)
     assert losses(cut) == losses(whole)
