@@ -8,8 +8,11 @@ The stages, one module each, all run on one runner (`maws_data.runner`: local pr
   1. plan        (`maws_data.plan`)      list the source files, count their rows, cut shards
   2. text pass   (`maws_data.textpass`)  row checks, hashtags, unique keys, each distinct tag mapped once, counts
   3. vocabulary  (`maws_data.vocab`)     vocabulary.tsv + hashtag_map.tsv from the merged counts
-  4. image pass  (`maws_data.imagepass`) one task per shard: fetch, decode, write tar + index + stats
-  5. finish      (`maws_data.finish`)    skipped.jsonl, then manifest.json, last
+  4. image pass  (`maws_data.imagepass`) one task per shard: fetch, decode, hash, drop eval copies
+                                         (--decontaminate), write tar + index + sidecar + dedup unit + stats
+  5. dedup       (`maws_data.deduppass`) --dedup exact|near: decide over every shard's hashes, rewrite
+                                         the shards that lost a sample
+  6. finish      (`maws_data.finish`)    skipped.jsonl, then manifest.json, last
 
 `--out` is a local folder or `s3://bucket/prefix`. Resume: `build.json` (written before any shard)
 records the build's fingerprint (the inputs' sha256 -- size and ETag for remote files -- and every
@@ -34,6 +37,9 @@ from pathlib import Path
 from typing import Literal
 
 from maws_data import storage
+from maws_data.dedup.decontam import EVAL_THRESHOLD, DecontamError, EvalIndex
+from maws_data.dedup.table import NEAR_THRESHOLD
+from maws_data.deduppass import DEDUP_DIR, dedup_pass, remove_table
 from maws_data.finish import SKIPPED_NAME, finish
 from maws_data.imagepass import SHARDS_DIR, ShardJob, run_shard, write_labels
 from maws_data.images import ImageConfig, choose_decoder
@@ -62,10 +68,12 @@ from maws_data.vocab import (
 from maws_data.wordnet import MappingConfig
 
 BUILD_STATE_NAME = "build.json"
-BUILD_FORMAT = 2  # in the fingerprint: 2 = streaming builder (null captions kept, per-file shards)
+BUILD_FORMAT = 3  # in the fingerprint: 2 = streaming builder (null captions kept, per-file shards), 3 = + dedup hashes
+EVAL_INDEX_NAME = "eval_index.npz"  # in the work folder: the --decontaminate eval sets' hashes, for the workers
 # Config fields that do not change the output bytes (how the work is run, where, how it is shown).
 RUNTIME_FIELDS = ("out", "processes", "threads", "runner", "ray_address", "overwrite", "progress",
-                  "text_unit_rows", "mapping_cache", "task_timeout_s", "task_retries")
+                  "text_unit_rows", "mapping_cache", "task_timeout_s", "task_retries",
+                  "decontaminate")  # the eval sets enter the fingerprint as their index's sha256 instead
 MANIFEST_OMITS = ("out", "overwrite", "progress", "mapping_cache")
 
 
@@ -103,6 +111,10 @@ class BuildConfig:
     mapping_cache: str | None = None  # hashtag mapping cache folder; None = ~/.cache/maws-data/hashtag-maps, "" = off
     task_timeout_s: float = 1800.0  # a shard (or text unit) running longer is cancelled and retried (Ray)
     task_retries: int = 3  # Ray: attempts after a lost worker or node, or a deadline
+    dedup: Literal["none", "exact", "near"] = "exact"  # drop repeated images: same bytes, or also pHash-near
+    near_threshold: int = NEAR_THRESHOLD  # Hamming bits (of 64) for --dedup near (docs/dedup.md)
+    decontaminate: tuple[str, ...] = ()  # eval sets (ImageFolder trees or flat folders) whose copies are dropped
+    decontaminate_threshold: int = EVAL_THRESHOLD  # Hamming bits for an eval copy (docs/dedup.md)
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -119,6 +131,14 @@ class BuildConfig:
             raise ValueError(f"runner must be 'local' or 'ray', got {self.runner!r}")
         if self.decoder not in ("auto", "pil", "dali"):
             raise ValueError(f"decoder must be 'auto', 'pil' or 'dali', got {self.decoder!r}")
+        if self.dedup not in ("none", "exact", "near"):
+            raise ValueError(f"dedup must be 'none', 'exact' or 'near', got {self.dedup!r}")
+        for name in ("near_threshold", "decontaminate_threshold"):
+            if not 0 <= getattr(self, name) <= 63:
+                raise ValueError(f"{name} must be 0..63 (Hamming bits of a 64-bit hash), got {getattr(self, name)}")
+        # one folder, or any sequence of them (a list from a JSON config): always a tuple of str
+        paths = (self.decontaminate,) if isinstance(self.decontaminate, (str, Path)) else self.decontaminate
+        object.__setattr__(self, "decontaminate", tuple(str(p) for p in paths))
         if self.text_unit_rows < 1 or self.task_timeout_s <= 0 or self.task_retries < 0:
             raise ValueError("text_unit_rows must be >= 1, task_timeout_s > 0 and task_retries >= 0")
 
@@ -160,8 +180,11 @@ def build(cfg: BuildConfig) -> Path | str:
                 scanned[task.file.url] = result
             plan = cut(files, [scanned[f.url][0] for f in files], cfg.shard_size, cfg.text_unit_rows)
             inputs = [scanned[f.url][1] for f in files]
-            fingerprint = _fingerprint(resolved, inputs)
+            eval_index = _eval_index(cfg)
+            fingerprint = _fingerprint(resolved, inputs, eval_index)
             _prepare_out(out, fingerprint, resolved, inputs, overwrite=cfg.overwrite)
+            if eval_index is not None:
+                write_bytes(storage.join(work, EVAL_INDEX_NAME), eval_index)
 
             # 2. text pass, 3. vocabulary
             mapping_cfg = MappingConfig(stoplist_path=cfg.stoplist, ambiguity=cfg.ambiguity,
@@ -180,12 +203,20 @@ def build(cfg: BuildConfig) -> Path | str:
 
             # 4. image pass
             t1 = time.monotonic()
-            resumed = _image_pass(plan, cfg, out, work, fingerprint, decoder, text.buckets, text.exceptions, runner)
+            resumed = _image_pass(plan, cfg, out, work, fingerprint, decoder, text.buckets, text.exceptions, runner,
+                                  eval_index=eval_index is not None)
             t_images = time.monotonic() - t1
+
+            # 5. dedup
+            if cfg.dedup != "none":
+                dedup_pass(plan, out=out, work=work, mode=cfg.dedup, threshold=cfg.near_threshold, runner=runner,
+                           processes=cfg.num_processes)
+            t_dedup = time.monotonic() - t1 - t_images
     except TaskFailed as e:
         raise BuildError(str(e)) from None
 
-    # 5. finish
+    # 6. finish
+    remove_table(work)  # the dedup table first, its decisions last (deduppass.remove_table)
     remove(work)  # before the manifest: a folder with a manifest holds the product only
     head = {"inputs": inputs, "fingerprint": fingerprint,
             # the manifest lives in `out`, and overwrite/progress do not shape it: left out, so a
@@ -193,13 +224,13 @@ def build(cfg: BuildConfig) -> Path | str:
             "config": {k: v for k, v in resolved.items() if k not in MANIFEST_OMITS}}
     manifest = finish(out, len(plan.shards), head, vocab)
     if cfg.progress:
-        _print_summary(manifest, vocab, resumed=resumed, t_text=t_text, t_images=t_images,
+        _print_summary(manifest, vocab, resumed=resumed, t_text=t_text, t_images=t_images, t_dedup=t_dedup,
                        mapped_now=text.mapped_now, distinct=len(text.mapping))
     return out if storage.is_remote(out) else Path(out)
 
 
 def _image_pass(plan: Plan, cfg: BuildConfig, out: str, work: str, fingerprint: str, decoder: str, buckets: int,
-                exceptions: bool, runner: Runner) -> int:
+                exceptions: bool, runner: Runner, *, eval_index: bool) -> int:
     """Run every unfinished shard; returns how many were already finished."""
     shards_url = storage.join(out, SHARDS_DIR)
     if not storage.is_remote(out):
@@ -218,7 +249,10 @@ def _image_pass(plan: Plan, cfg: BuildConfig, out: str, work: str, fingerprint: 
                 continue
             yield ShardJob(index=i, file=plan.files[span.file], span=span, source=_source(cfg), out=out, work=work,
                            buckets=buckets, exceptions=exceptions, image=image_cfg, dali_device=dali_device,
-                           fingerprint=fingerprint, threads=cfg.threads)
+                           fingerprint=fingerprint, threads=cfg.threads,
+                           dedup_dir=storage.join(work, DEDUP_DIR) if cfg.dedup != "none" else None,
+                           eval_index=storage.join(work, EVAL_INDEX_NAME) if eval_index else None,
+                           eval_threshold=cfg.decontaminate_threshold)
 
     for _ in runner.map(run_shard, pending(), desc="images", total_rows=plan.rows):
         pass
@@ -230,9 +264,29 @@ def _source(cfg: BuildConfig) -> SourceConfig:
                         caption_column=cfg.caption_column)
 
 
-def _fingerprint(resolved: dict, inputs: list[dict]) -> str:
+def _eval_index(cfg: BuildConfig) -> bytes | None:
+    """The --decontaminate eval sets' index, as the bytes the workers load (None without eval sets)."""
+    if not cfg.decontaminate:
+        return None
+    try:
+        index = EvalIndex.build(list(cfg.decontaminate))
+    except DecontamError as e:
+        raise BuildError(f"--decontaminate {e}") from None
+    if not len(index):
+        raise BuildError(f"--decontaminate {', '.join(cfg.decontaminate)}: no readable image in it")
+    if cfg.progress:
+        import sys
+
+        print(f"decontaminate: {len(index)} eval images indexed from {len(cfg.decontaminate)} folder(s)"
+              + (f", {len(index.unreadable)} unreadable: {index.unreadable[:3]}" if index.unreadable else ""),
+              file=sys.stderr)
+    return index.to_bytes()
+
+
+def _fingerprint(resolved: dict, inputs: list[dict], eval_index: bytes | None = None) -> str:
     relevant = {k: v for k, v in resolved.items() if k not in RUNTIME_FIELDS}
     relevant["stoplist_sha256"] = sha256_file(resolved["stoplist"]) if resolved["stoplist"] else None
+    relevant["eval_index_sha256"] = hashlib.sha256(eval_index).hexdigest() if eval_index is not None else None
     ids = [i["sha256"] or f"{i['etag']}:{i['bytes']}" for i in inputs]
     blob = json.dumps({"config": relevant, "inputs": ids, "format": BUILD_FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -277,7 +331,7 @@ def _dali_device() -> str:
 
 
 def _print_summary(manifest: dict, vocab: Vocabulary, *, resumed: int, t_text: float, t_images: float,
-                   mapped_now: int, distinct: int) -> None:
+                   t_dedup: float, mapped_now: int, distinct: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -296,6 +350,8 @@ def _print_summary(manifest: dict, vocab: Vocabulary, *, resumed: int, t_text: f
     table.add_row("distinct hashtags (mapped now / from the cache)", f"{distinct} ({mapped_now} / {distinct - mapped_now})")
     table.add_row("plan + text pass + vocabulary", f"{t_text:.1f} s, {c['rows'] / max(t_text, 1e-9):.0f} rows/s")
     table.add_row("image pass", f"{t_images:.1f} s, {c['written'] / max(t_images, 1e-9):.1f} images/s")
+    if manifest["config"].get("dedup", "none") != "none":
+        table.add_row(f"dedup pass ({manifest['config']['dedup']})", f"{t_dedup:.1f} s")
     if len(vocab):
         top = ", ".join(f"{n.split('.')[0]} ({k})" for n, k in zip(vocab.names[:5], vocab.counts[:5]))
         table.add_row("top classes", top)

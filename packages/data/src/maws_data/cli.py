@@ -29,6 +29,12 @@ class Ambiguity(str, Enum):
     skip = "skip"
 
 
+class Dedup(str, Enum):
+    none = "none"
+    exact = "exact"
+    near = "near"
+
+
 class Decoder(str, Enum):
     auto = "auto"
     pil = "pil"
@@ -88,6 +94,16 @@ def build(
     task_timeout: Annotated[float, typer.Option(help="Seconds a shard task may run before it is cancelled and "
                                                      "retried (Ray) or the build stops (local).")] = 1800.0,
     task_retries: Annotated[int, typer.Option(help="Ray: attempts after a lost worker or node, or a deadline.")] = 3,
+    dedup: Annotated[Dedup, typer.Option(help="Drop repeated images, keeping the first in row order: exact (same "
+                                              "source bytes: duplicate_image), near (also pHash within "
+                                              "--near-threshold bits: near_duplicate), none.")] = Dedup.exact,
+    near_threshold: Annotated[int, typer.Option(help="Hamming bits (of 64) for --dedup near; docs/dedup.md has "
+                                                     "the precision/recall table.")] = 2,
+    decontaminate: Annotated[list[Path] | None, typer.Option(help="An eval set (ImageFolder tree or flat folder of "
+                                                                  "images) whose near-copies are dropped as "
+                                                                  "eval_contaminated (repeatable).")] = None,
+    decontaminate_threshold: Annotated[int, typer.Option(help="Hamming bits at or under which a training image "
+                                                              "is a copy of an eval image.")] = 6,
 ) -> None:
     """Build WebDataset shards, vocabulary and manifest from a captions table (resumable)."""
     import os
@@ -109,7 +125,10 @@ def build(
                           max_pixels=max_pixels, decoder=decoder.value, timeout_s=timeout,
                           retries=retries, processes=processes, threads=threads, runner=runner.value, ray_address=ray_address,
                           overwrite=overwrite, progress=progress, mapping_cache=mapping_cache,
-                          text_unit_rows=text_unit_rows, task_timeout_s=task_timeout, task_retries=task_retries)
+                          text_unit_rows=text_unit_rows, task_timeout_s=task_timeout, task_retries=task_retries,
+                          dedup=dedup.value, near_threshold=near_threshold,
+                          decontaminate=tuple(str(p) for p in decontaminate or ()),
+                          decontaminate_threshold=decontaminate_threshold)
         if stoplist is not None and not stoplist.is_file():
             raise BuildError(f"--stoplist {stoplist}: no such file")
         result = run_build(cfg)
@@ -146,6 +165,14 @@ def inspect(
                   f"skipped {sum(c['skipped'].values())} {json.dumps(c['skipped'], sort_keys=True)}")
     console.print(f"classes {manifest['classes']}  shards {len(manifest['shards'])}  "
                   f"bytes {sum(s['bytes'] for s in manifest['shards'])}  image_size {manifest['config']['image_size']}")
+    cfg = manifest["config"]
+    if "dedup" in cfg:
+        removed = {r: c["skipped"].get(r, 0) for r in ("duplicate_image", "near_duplicate", "eval_contaminated")}
+        console.print(f"dedup {cfg['dedup']}" + (f" (near threshold {cfg['near_threshold']})" if cfg["dedup"] == "near"
+                                                  else "")
+                      + (f"  decontaminated against {', '.join(cfg['decontaminate'])} (threshold "
+                         f"{cfg['decontaminate_threshold']})" if cfg.get("decontaminate") else "")
+                      + "  removed " + "  ".join(f"{r} {n}" for r, n in removed.items()))
     table = Table(title=f"top {min(top, len(vocab))} classes")
     for col in ("index", "wnid", "name", "count", "hashtags"):
         table.add_column(col)
@@ -185,7 +212,8 @@ def _print_samples(console, tar_path: Path, n: int) -> None:
             if not m.name.endswith(".json"):
                 continue
             meta = json.loads(tf.extractfile(m).read())
-            caption = meta["caption"] if len(meta["caption"]) <= 60 else meta["caption"][:57] + "..."
+            caption = meta["caption"] or ""  # null: an unlabeled row without a caption (caption_missing)
+            caption = caption if len(caption) <= 60 else caption[:57] + "..."
             table.add_row(meta["key"], str(meta["labels"][0] if meta["labels"] else -1),
                           f"{meta['width']}x{meta['height']}", " ".join(meta["wnids"]), caption)
             n -= 1

@@ -44,6 +44,9 @@ class ShardJob:
     dali_device: str
     fingerprint: str
     threads: int
+    dedup_dir: str | None = None  # the dedup table folder (unit files), None with --dedup none
+    eval_index: str | None = None  # the saved eval index (--decontaminate)
+    eval_threshold: int = 6
 
     @property
     def rows(self) -> int:
@@ -116,5 +119,6 @@ def run_shard(job: ShardJob) -> dict:
     stats = write_shard(ShardTask(index=job.index, first_row=job.span.row0, end_row=job.span.row0 + job.span.rows,
                                   rows=rows, skipped=skipped, shards_dir=storage.join(job.out, SHARDS_DIR),
                                   image=job.image, dali_device=job.dali_device, fingerprint=job.fingerprint,
-                                  threads=job.threads, class_counts=counts))
+                                  threads=job.threads, class_counts=counts, dedup_dir=job.dedup_dir,
+                                  eval_index=job.eval_index, eval_threshold=job.eval_threshold))
     return {k: v for k, v in stats.items() if k != "skipped_rows"}

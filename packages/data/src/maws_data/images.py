@@ -3,10 +3,14 @@
 Two steps, each usable alone:
   load_image_bytes(ref, base_dir=..., cfg=...)  local path / raw bytes / http(s) URL -> encoded bytes
   process_image(data, cfg)                       encoded bytes -> (jpeg, width, height), Pillow-SIMD
+  process_image(data, cfg, hashes=True)          -> (jpeg, width, height, sha256 hex, phash): the dedup
+                                                 hashes (maws_data.dedup.hashes) of the source bytes and
+                                                 of the resized image, before it is encoded
   process_images_dali(datas, cfg, device=...)    the same for a batch, decoded and resized by DALI
 and for many rows at once, on a thread pool (results in input order, SkipSample in place of a result):
   load_many(refs, cfg, threads=...)              [(ref, base_dir)] -> [bytes | SkipSample]
   load_and_process_many(refs, cfg, threads=...)  [(ref, base_dir)] -> [(jpeg, w, h) | SkipSample]
+(the batch functions take `hashes=True` too).
 
 Every failure is a `SkipSample` with a short stable `.reason` (counted in the build manifest) and a
 human `.detail`. Reasons:
@@ -39,6 +43,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from maws_data.dedup.hashes import content_hash, phash
 
 MiB = 1 << 20
 ORIENTATION_TAG = 0x0112
@@ -296,8 +302,8 @@ def load_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, 
     return _map_threads(one, refs, threads)
 
 
-def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16
-                          ) -> list[tuple[bytes, int, int] | SkipSample]:
+def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16,
+                          hashes: bool = False) -> list[tuple | SkipSample]:
     """load_image_bytes + process_image (Pillow) per (ref, base_dir) on a thread pool, in input order.
 
     One thread does one row end to end, so waiting on the network overlaps with decoding, which
@@ -305,7 +311,7 @@ def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: I
     """
     def one(item):
         try:
-            return process_image(load_image_bytes(item[0], base_dir=item[1], cfg=cfg), cfg)
+            return process_image(load_image_bytes(item[0], base_dir=item[1], cfg=cfg), cfg, hashes=hashes)
         except SkipSample as e:
             return e
 
@@ -379,8 +385,15 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, int, int]:
-    """Decode, check, orient, resize (shorter side = image_size) and re-encode; returns (jpeg, w, h)."""
+def process_image(data: bytes, cfg: ImageConfig, *, hashes: bool = False) -> tuple:
+    """Decode, check, orient, resize (shorter side = image_size) and re-encode; returns (jpeg, w, h),
+    or with `hashes` (jpeg, w, h, sha256 hex of `data`, phash of the resized image)."""
+    im, out_w, out_h = _decode_resized(data, cfg)
+    jpeg = encode_jpeg(im, cfg)
+    return (jpeg, out_w, out_h, content_hash(data), phash(im)) if hashes else (jpeg, out_w, out_h)
+
+
+def _decode_resized(data: bytes, cfg: ImageConfig) -> tuple[Image.Image, int, int]:
     im = _open(data, cfg)
     orientation = _orientation(im)
     w, h = im.size
@@ -404,7 +417,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> tuple[bytes, int, int]:
         raise SkipSample("too_large", str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise SkipSample(_error_reason(e), f"{type(e).__name__}: {e}") from None
-    return encode_jpeg(im, cfg), out_w, out_h
+    return im, out_w, out_h
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -487,8 +500,8 @@ def _device_id(device: str) -> int | None:
     raise ValueError(f"device must be 'cpu', 'gpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def process_images_dali(datas: list[bytes], cfg: ImageConfig, *, device: str
-                        ) -> list[tuple[bytes, int, int] | SkipSample]:
+def process_images_dali(datas: list[bytes], cfg: ImageConfig, *, device: str, hashes: bool = False
+                        ) -> list[tuple | SkipSample]:
     """process_image for a batch, decoded and resized by DALI; one result (or SkipSample) per input.
 
     Each image's header is parsed by Pillow first (size, orientation, bomb check, format): only
@@ -504,7 +517,7 @@ def process_images_dali(datas: list[bytes], cfg: ImageConfig, *, device: str
             # file into a grey-padded image where Pillow says "truncated", and both decoders must
             # keep and skip the same rows.
             if im.format != "JPEG" or im.mode not in ("RGB", "L") or not _ends_with_eoi(data):
-                results[i] = process_image(data, cfg)
+                results[i] = process_image(data, cfg, hashes=hashes)
                 continue
             w, h = im.size
             if _orientation(im) in TRANSPOSED_ORIENTATIONS:
@@ -513,7 +526,7 @@ def process_images_dali(datas: list[bytes], cfg: ImageConfig, *, device: str
         except SkipSample as e:
             results[i] = e
     for start in range(0, len(todo), DALI_MAX_BATCH):
-        _run_dali_batch(todo[start:start + DALI_MAX_BATCH], datas, results, cfg, device)
+        _run_dali_batch(todo[start:start + DALI_MAX_BATCH], datas, results, cfg, device, hashes)
     return results  # type: ignore[return-value]
 
 
@@ -521,7 +534,7 @@ def _ends_with_eoi(data: bytes) -> bool:
     return data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
 
 
-def _run_dali_batch(batch, datas, results, cfg: ImageConfig, device: str) -> None:
+def _run_dali_batch(batch, datas, results, cfg: ImageConfig, device: str, hashes: bool) -> None:
     try:
         arrays = _dali_decode(batch, device)
     except Exception:  # noqa: BLE001 - DALI fails the whole batch; redo one by one to find the culprit
@@ -536,11 +549,12 @@ def _run_dali_batch(batch, datas, results, cfg: ImageConfig, device: str) -> Non
     for (i, _, w, h), arr in zip(batch, arrays):
         if arr is None or arr.shape[:2] != (h, w):
             try:
-                results[i] = process_image(datas[i], cfg)
+                results[i] = process_image(datas[i], cfg, hashes=hashes)
             except SkipSample as e:
                 results[i] = e
         else:
-            results[i] = (encode_jpeg(arr, cfg), w, h)
+            jpeg = encode_jpeg(arr, cfg)
+            results[i] = (jpeg, w, h, content_hash(datas[i]), phash(arr)) if hashes else (jpeg, w, h)
 
 
 def _dali_decode(batch, device: str) -> list[np.ndarray]:

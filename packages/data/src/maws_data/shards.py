@@ -16,9 +16,13 @@ Files, for shard NNNNNN in `shards/` (see ARCHITECTURE.md "Build output"):
                       "v1.2 <samples>\\n", then one line per sample: "<ext> <data offset> <size> <name>"
                       for each member, space-separated
   shard-NNNNNN.samples.npz  per-sample sidecar for the loader (maws_data.sidecar): offsets, sizes, labels
+  dedup/units/shard-NNNNNN.npz  (in the build's work folder, with --dedup exact|near) the written
+                      rows' sha256 + phash for the dedup pass (maws_data.dedup.table), before the stats
   shard-NNNNNN.json   stats (contract fields) + label_counts / sqrt_weight (maws_data.sidecar.stats_fields) + "fingerprint" (the build it belongs to) and
                       "skipped_rows" (this shard's skipped rows, merged into skipped.jsonl at the end)
-Each is written under a temporary dot-name and renamed. A shard whose rows were all skipped has
+KEY.json carries "sha256" (of the source bytes) and "phash" (16 hex digits, of the resized image);
+with an eval index (--decontaminate), rows whose phash is within its threshold of an eval image are
+skipped as `eval_contaminated` before they are written. Each is written under a temporary dot-name and renamed. A shard whose rows were all skipped has
 no tar and no index; its stats say `"shard": null, "samples": 0` and it is left out of the manifest.
 """
 
@@ -35,6 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maws_data import sidecar, storage
+from maws_data.dedup.decontam import REASON as EVAL_CONTAMINATED
+from maws_data.dedup.decontam import EvalIndex
+from maws_data.dedup.hashes import to_hex
+from maws_data.dedup.table import UNITS, unit_bytes
 from maws_data.images import ImageConfig, SkipSample, load_and_process_many, load_image_bytes, process_images_dali
 from maws_data.manifest import read_bytes, sha256_file, write_bytes, write_json
 
@@ -77,20 +85,24 @@ class ShardTask:
     fingerprint: str = ""
     threads: int = 16  # load/decode threads in the worker (does not change the output)
     class_counts: tuple[int, ...] = ()  # vocabulary counts, for the shard's sqrt_weight (sidecar.stats_fields)
+    dedup_dir: str | None = None  # write the dedup unit file under this table folder (None: --dedup none)
+    eval_index: str | None = None  # saved EvalIndex (--decontaminate); None: no eval check
+    eval_threshold: int = 6
 
     @property
     def stem(self) -> str:
         return shard_stem(self.index)
 
 
-def sample_json(r: ShardRow, width: int, height: int) -> bytes:
+def sample_json(r: ShardRow, width: int, height: int, sha256: str, phash: int) -> bytes:
     meta = {"key": r.key, "source_key": r.source_key, "caption": r.caption, "hashtags": r.hashtags,
-            "wnids": r.wnids, "labels": r.labels, "labeled": bool(r.labels), "width": width, "height": height}
+            "wnids": r.wnids, "labels": r.labels, "labeled": bool(r.labels), "width": width, "height": height,
+            "sha256": sha256, "phash": to_hex(phash)}
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _images(task: ShardTask) -> list[tuple[bytes, int, int] | SkipSample]:
-    """Each row's processed image (jpeg, w, h) or the SkipSample saying why not, in row order.
+def _images(task: ShardTask) -> list[tuple[bytes, int, int, str, int] | SkipSample]:
+    """Each row's processed image (jpeg, w, h, sha256, phash) or the SkipSample saying why not, in row order.
 
     Rows are loaded (and, with Pillow, decoded) on `task.threads` threads: downloads wait on the
     network and Pillow releases the GIL while decoding, so one process keeps a core busy. The
@@ -99,7 +111,7 @@ def _images(task: ShardTask) -> list[tuple[bytes, int, int] | SkipSample]:
     cfg = task.image
     refs = [(r.image, r.base_dir) for r in task.rows]
     if cfg.decoder != "dali":
-        return load_and_process_many(refs, cfg, threads=task.threads)
+        return load_and_process_many(refs, cfg, threads=task.threads, hashes=True)
 
     def load(ref: tuple) -> bytes | SkipSample:
         try:
@@ -114,7 +126,7 @@ def _images(task: ShardTask) -> list[tuple[bytes, int, int] | SkipSample]:
         loaded = [load(r) for r in refs]
     ok = [i for i, d in enumerate(loaded) if isinstance(d, bytes)]
     results: list = list(loaded)
-    for i, res in zip(ok, process_images_dali([loaded[i] for i in ok], cfg, device=task.dali_device)):
+    for i, res in zip(ok, process_images_dali([loaded[i] for i in ok], cfg, device=task.dali_device, hashes=True)):
         results[i] = res
     return results
 
@@ -135,26 +147,59 @@ def write_shard(task: ShardTask) -> dict:
             shutil.rmtree(local_dir, ignore_errors=True)
 
 
+_eval_indexes: dict[str, EvalIndex] = {}
+
+
+def _eval_index(url: str) -> EvalIndex:
+    """The build's eval index, read once per worker process."""
+    if url not in _eval_indexes:
+        _eval_indexes.clear()
+        _eval_indexes[url] = EvalIndex.from_bytes(read_bytes(url))
+    return _eval_indexes[url]
+
+
+def _contaminated(task: ShardTask, results: list) -> dict[int, dict]:
+    """{position in task.rows: skip record} of the processed rows within the threshold of an eval image."""
+    if task.eval_index is None:
+        return {}
+    done = [i for i, res in enumerate(results) if not isinstance(res, SkipSample)]
+    if not done:
+        return {}
+    index = _eval_index(task.eval_index)
+    ids, dist = index.match([results[i][4] for i in done], task.eval_threshold)
+    return {i: {"row": task.rows[i].row, "key": task.rows[i].source_key, "reason": EVAL_CONTAMINATED,
+                "detail": f"phash within {int(d)} bits of {index.files[e]}"}
+            for i, e, d in zip(done, ids.tolist(), dist.tolist()) if e >= 0}
+
+
 def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
     tmp_tar = local_dir / f".{task.stem}.tar.tmp"
     skipped = list(task.skipped)
     samples = labeled = missing = 0
     written_labels: list[list[int]] = []
     written_sizes: list[tuple[int, int]] = []
+    unit: dict[str, list] = {"rows": [], "keys": [], "sha256": [], "phash": []}
+    results = _images(task)
+    contaminated = _contaminated(task, results)
     with open(tmp_tar, "wb") as f:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for r, res in zip(task.rows, _images(task)):
+            for i, (r, res) in enumerate(zip(task.rows, results)):
                 if isinstance(res, SkipSample):
                     skipped.append({"row": r.row, "key": r.source_key, "reason": res.reason, "detail": res.detail})
                     continue
-                jpeg, w, h = res
+                if i in contaminated:
+                    skipped.append(contaminated[i])
+                    continue
+                jpeg, w, h, sha, ph = res
                 cls = str(r.labels[0] if r.labels else -1).encode("ascii")
-                add_sample(tar, r.key, {"jpg": jpeg, "cls": cls, "json": sample_json(r, w, h)})
+                add_sample(tar, r.key, {"jpg": jpeg, "cls": cls, "json": sample_json(r, w, h, sha, ph)})
                 samples += 1
                 labeled += bool(r.labels)
                 missing += r.caption is None
                 written_labels.append(r.labels)
                 written_sizes.append((w, h))
+                for field, value in zip(unit, (r.row, r.key, sha, ph)):
+                    unit[field].append(value)
         if samples:  # an empty tar is deleted below: no need to make it durable
             f.flush()
             os.fsync(f.fileno())
@@ -163,7 +208,7 @@ def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
     if samples:
         index = dali_index(tmp_tar)
         digest, size = sha256_file(tmp_tar), tmp_tar.stat().st_size
-        side = sidecar.encode(index, written_labels, written_sizes)
+        side = sidecar.encode(index, written_labels, written_sizes, sha256=unit["sha256"], phash=unit["phash"])
         if remote:  # the tar first: an index never names a tar that is not there yet
             fs, base = storage.filesystem(task.shards_dir)
             fs.put_file(str(tmp_tar), f"{base}/{name}")
@@ -174,6 +219,8 @@ def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
     else:
         digest, size, name = None, 0, None
     tmp_tar.unlink(missing_ok=True)
+    if task.dedup_dir is not None:  # before the commit marker: a finished shard always has its unit
+        write_bytes(storage.join(task.dedup_dir, UNITS, f"{task.stem}.npz"), unit_bytes(task.stem, **unit))
     reasons: dict[str, int] = {}
     for s in skipped:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1

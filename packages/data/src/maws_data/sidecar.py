@@ -11,6 +11,10 @@ uncompressed `.npz` (numpy's zip of `.npy` files), readable with `np.load` and n
     size        int32  (n, 2)   stored image width, height
     label_ptr   int64  (n+1,)   CSR: labels of sample i are labels[label_ptr[i]:label_ptr[i+1]]
     labels      int32  (m,)     vocabulary indices, caption order (as in KEY.json)
+    sha256      uint8  (n, 32)  version 2: sha256 of each sample's source bytes (KEY.json "sha256")
+    phash       uint64 (n,)     version 2: 64-bit perceptual hash of the stored image (KEY.json "phash")
+
+Version 1 files (builds from before the dedup hashes) have no sha256/phash and are still read.
 
 The shard's stats JSON gets, from `stats_fields`, `label_counts` (samples per label in this shard,
 sparse) and `sqrt_weight`: the sum over its samples of 1/sqrt(count of the sample's rarest label),
@@ -32,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 SUFFIX = ".samples.npz"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # versions `decode` accepts
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class ShardSamples:
     size: np.ndarray
     label_ptr: np.ndarray
     labels: np.ndarray
+    sha256: np.ndarray | None = None  # (n, 32) uint8; None in a version 1 sidecar
+    phash: np.ndarray | None = None  # (n,) uint64
 
     def __len__(self) -> int:
         return len(self.jpg_offset)
@@ -69,15 +76,19 @@ def parse_dali_index(text: str, name: str = "index") -> list[tuple[str, dict[str
     return samples
 
 
-def encode(index_text: str, labels: Sequence[Sequence[int]], sizes: Sequence[tuple[int, int]]) -> bytes:
-    """The sidecar's bytes for one shard, from its DALI index and each sample's labels and (w, h)."""
+def encode(index_text: str, labels: Sequence[Sequence[int]], sizes: Sequence[tuple[int, int]], *,
+           sha256: Sequence[str] | None = None, phash: Sequence[int] | None = None) -> bytes:
+    """The sidecar's bytes for one shard, from its DALI index and each sample's labels and (w, h), and
+    its dedup hashes (sha256 hex, phash int) when known (version 2; without them, version 1)."""
     samples = parse_dali_index(index_text)
     if not len(samples) == len(labels) == len(sizes):
         raise ValueError(f"sidecar: {len(samples)} indexed samples, {len(labels)} label lists, {len(sizes)} sizes")
+    if (sha256 is None) != (phash is None) or (sha256 is not None and not len(sha256) == len(phash) == len(labels)):
+        raise ValueError("sidecar: give sha256 and phash together, one per sample")
     ptr = np.zeros(len(labels) + 1, np.int64)
     np.cumsum([len(lab) for lab in labels], out=ptr[1:])
     arrays = {
-        "version": np.asarray(VERSION, np.int32),
+        "version": np.asarray(VERSION if sha256 is not None else 1, np.int32),
         "key": np.asarray([k.encode("utf-8") for k, _ in samples], dtype="S") if samples else np.zeros(0, "S1"),
         "jpg_offset": np.asarray([m["jpg"][0] for _, m in samples], np.int64),
         "jpg_size": np.asarray([m["jpg"][1] for _, m in samples], np.int64),
@@ -85,6 +96,9 @@ def encode(index_text: str, labels: Sequence[Sequence[int]], sizes: Sequence[tup
         "label_ptr": ptr,
         "labels": np.asarray([c for lab in labels for c in lab], np.int32),
     }
+    if sha256 is not None:
+        arrays["sha256"] = np.frombuffer(b"".join(bytes.fromhex(h) for h in sha256), np.uint8).reshape(-1, 32)
+        arrays["phash"] = np.array([int(h) for h in phash], np.uint64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # uncompressed: np.load reads each member without inflating
     return buf.getvalue()
@@ -94,9 +108,11 @@ def decode(data: bytes, name: str = "sidecar") -> ShardSamples:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             version = int(z["version"])
-            if version != VERSION:
-                raise ValueError(f"{name}: sidecar version {version}, this maws reads version {VERSION}")
-            return ShardSamples(**{f: z[f] for f in ("key", "jpg_offset", "jpg_size", "size", "label_ptr", "labels")})
+            if version not in READS:
+                raise ValueError(f"{name}: sidecar version {version}, this maws reads versions {READS}")
+            hashes = {f: z[f] for f in ("sha256", "phash")} if version >= 2 else {}
+            return ShardSamples(**{f: z[f] for f in ("key", "jpg_offset", "jpg_size", "size", "label_ptr", "labels")},
+                                **hashes)
     except (KeyError, OSError, EOFError) as e:
         raise ValueError(f"{name}: not a maws sample sidecar ({e})") from e
 

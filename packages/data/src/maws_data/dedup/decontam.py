@@ -19,6 +19,7 @@ Memory: the index, O(4 x eval images x tables); one shard's samples at a time.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -99,12 +100,22 @@ class EvalIndex:
 
     def save(self, path: str | Path) -> None:
         """An .npz the builder's workers load instead of re-hashing the eval set."""
-        np.savez(path, files=np.array(self.files, dtype=str), hashes=self.hashes,
+        Path(path).write_bytes(self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The .npz bytes of `save` (the same index gives the same bytes: the builder's fingerprint)."""
+        buf = io.BytesIO()
+        np.savez(buf, files=np.array(self.files, dtype=str), hashes=self.hashes,
                  unreadable=np.array(self.unreadable, dtype=str))
+        return buf.getvalue()
 
     @classmethod
     def load(cls, path: str | Path) -> EvalIndex:
-        with np.load(path, allow_pickle=False) as z:
+        return cls.from_bytes(Path(path).read_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EvalIndex:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls(files=z["files"].tolist(), hashes=z["hashes"], unreadable=z["unreadable"].tolist())
 
 

@@ -17,7 +17,10 @@ Everything is written under a temporary name first; then tar, idx and sidecar ar
 place and the stats JSON goes last (the commit marker). A crash in between leaves stats whose
 sha256 no longer matches the tar, which shards.completed_stats treats as "not done".
 A shard whose samples are all removed loses its tar, idx and sidecar; its stats say "shard": null.
-Local folders only (a remote build is filtered by the builder's worker on a local copy).
+A removed row's record names its source key (KEY.json "source_key"), like every other skip record.
+`filter_shard_at` does the same for a shard on object storage, through a local copy: the new tar,
+idx and sidecar are uploaded (or deleted), then the stats; a crash in between leaves stats whose
+size no longer matches the tar, which completed_stats also treats as "not done".
 
 Memory: O(one shard).
 """
@@ -26,13 +29,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from maws_data import sidecar
-from maws_data.manifest import atomic_write_json, sha256_file
+from maws_data import sidecar, storage
+from maws_data.manifest import read_bytes, sha256_file, write_json
 from maws_data.shards import add_sample, dali_index, shard_stem
+
+SHARD_FILES = (".tar", ".idx", sidecar.SUFFIX)  # what a shard has besides its stats, in upload order
 
 
 def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
@@ -65,8 +72,8 @@ def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *
         return stats
     tar_path = shards / f"{stem}.tar"
     samples = _read_samples(tar_path)
-    present = {k for k, _ in samples}
-    removed = [drop[k] for k in sorted(present & set(drop), key=lambda k: drop[k].get("row", 0))]
+    removed = sorted(({**drop[k], "key": json.loads(m["json"]).get("source_key", k)}
+                      for k, m in samples if k in drop), key=lambda r: r.get("row", 0))
     if not removed:
         return stats
     if class_counts is None and "sqrt_weight" in stats:
@@ -76,6 +83,8 @@ def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *
     metas = [json.loads(m["json"]) for _, m in kept]
     labels = [meta["labels"] for meta in metas]
     sizes = [(meta["width"], meta["height"]) for meta in metas]
+    hashed = bool(metas) and all("sha256" in meta and "phash" in meta for meta in metas)
+    hashes = {"sha256": [m["sha256"] for m in metas], "phash": [int(m["phash"], 16) for m in metas]} if hashed else {}
     tmp = {ext: shards / f".{stem}.{ext}.filter.tmp" for ext in ("tar", "idx", "npz")}
     try:
         if kept:
@@ -87,7 +96,7 @@ def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *
                 os.fsync(f.fileno())
             idx = dali_index(tmp["tar"])
             tmp["idx"].write_text(idx, encoding="utf-8")
-            tmp["npz"].write_bytes(sidecar.encode(idx, labels, sizes))
+            tmp["npz"].write_bytes(sidecar.encode(idx, labels, sizes, **hashes))
             digest, size = sha256_file(tmp["tar"]), tmp["tar"].stat().st_size
             for ext, final in (("tar", tar_path), ("idx", shards / f"{stem}.idx"),
                                ("npz", shards / f"{stem}{sidecar.SUFFIX}")):
@@ -110,5 +119,34 @@ def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *
                   **sidecar.stats_fields(labels, class_counts)})
     if "caption_missing" in stats:
         stats["caption_missing"] = sum(meta.get("caption") is None for meta in metas)
-    atomic_write_json(stats_path, stats)  # last: the commit marker
+    write_json(str(stats_path), stats, compact=True)  # last: the commit marker (as shards.write_shard writes it)
     return stats
+
+
+def filter_shard_at(shards_url: str, index: int, drop: Mapping[str, dict], *,
+                    class_counts: Sequence[int] | None = None) -> dict:
+    """`filter_shard` for a local folder or an object-storage prefix (through a local copy)."""
+    if not storage.is_remote(shards_url):
+        return filter_shard(shards_url, index, drop, class_counts=class_counts)
+    stem = shard_stem(index)
+    fs, base = storage.filesystem(shards_url)
+    local = Path(tempfile.mkdtemp(prefix="maws-filter-"))
+    try:
+        stats = json.loads(read_bytes(storage.join(shards_url, f"{stem}.json")))
+        if not stats.get("samples"):
+            return stats
+        (local / f"{stem}.json").write_bytes(json.dumps(stats).encode())
+        fs.get_file(f"{base}/{stem}.tar", str(local / f"{stem}.tar"))
+        new = filter_shard(local, index, drop, class_counts=class_counts)
+        if new["sha256"] == stats["sha256"]:
+            return new  # nothing of `drop` was in the shard (a rerun)
+        for suffix in SHARD_FILES:  # the tar first, the stats last
+            path = local / f"{stem}{suffix}"
+            if path.exists():
+                fs.put_file(str(path), f"{base}/{stem}{suffix}")
+            elif fs.exists(f"{base}/{stem}{suffix}"):
+                fs.rm_file(f"{base}/{stem}{suffix}")
+        fs.put_file(str(local / f"{stem}.json"), f"{base}/{stem}.json")
+        return new
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

@@ -38,7 +38,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +83,16 @@ def write_unit(table_dir: str | Path, unit: str, *, rows: Sequence[int] | np.nda
     array); phash: 64-bit perceptual hashes. Write only rows that
     survived the other checks (decode errors, eval contamination): a row in no unit is never kept.
     """
+    data = unit_bytes(unit, rows=rows, keys=keys, sha256=sha256, phash=phash)
+    path = Path(table_dir) / UNITS / f"{unit}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def unit_bytes(unit: str, *, rows: Sequence[int] | np.ndarray, keys: Sequence[str] | np.ndarray,
+               sha256: Sequence[str] | np.ndarray, phash: Sequence[int] | np.ndarray) -> bytes:
+    """The bytes of `write_unit`'s file (for a builder that stores them itself, e.g. on object storage)."""
     if not _UNIT_NAME.match(unit):
         raise ValueError(f"unit name {unit!r}: use letters, digits, '-', '_' and '.'")
     n = len(rows)
@@ -98,15 +108,12 @@ def write_unit(table_dir: str | Path, unit: str, *, rows: Sequence[int] | np.nda
         key_arr = keys
     else:
         key_arr = np.asarray([k.encode() for k in keys], dtype="S") if n else np.zeros(0, "S1")
-    arrays = {"rows": np.asarray(rows, np.int64), "keys": key_arr, "sha": digests.astype("<u8"),
+    arrays = {"rows": np.asarray(rows, np.int64).reshape(n), "keys": key_arr, "sha": digests.astype("<u8"),
               "phash": np.asarray(phash, np.uint64) if isinstance(phash, np.ndarray)
               else np.array([int(h) for h in phash], np.uint64)}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    path = Path(table_dir) / UNITS / f"{unit}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return buf.getvalue()
 
 
 def read_unit(path: str | Path) -> dict[str, np.ndarray]:
@@ -329,14 +336,21 @@ class Decisions:
         return {k.decode() for k in self.key[lo:hi]}
 
     def save(self, path: str | Path) -> None:
+        atomic_write_bytes(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez(buf, row=self.row, reason=self.reason, kept_row=self.kept_row, distance=self.distance,
                  key=self.key, kept_key=self.kept_key)
-        atomic_write_bytes(path, buf.getvalue())
+        return buf.getvalue()
 
     @classmethod
     def load(cls, path: str | Path) -> Decisions:
-        with np.load(path, allow_pickle=False) as z:
+        return cls.from_bytes(Path(path).read_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Decisions:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls(**{f: z[f] for f in ("row", "reason", "kept_row", "distance", "key", "kept_key")})
 
 
@@ -454,8 +468,12 @@ def make_plan(mode: Literal["exact", "near"], rows: int, *, threshold: int = NEA
 
 def dedup(table_dir: str | Path, *, mode: Literal["exact", "near"] = "exact", threshold: int = NEAR_THRESHOLD,
           partitions: int | None = None, blocks: int | None = None, spill_records: int = RECORDS_PER_SPILL,
-          partition_records: int = RECORDS_PER_PARTITION, processes: int = 1) -> Decisions:
+          partition_records: int = RECORDS_PER_PARTITION, processes: int = 1,
+          map_fn: Callable | None = None) -> Decisions:
     """Run spill -> reduce -> resolve -> name over all unit files; write and return the decisions.
+
+    The spill and reduce calls go through `map_fn(fn, *iterables)` (results in call order: the
+    builder passes one that runs them on its runner), else a pool of `processes` processes.
 
     Consecutive units make one spill of ~`spill_records` records (rows x tables); a reduce task
     opens every spill once, so the fan-in is N * tables / spill_records files (see docs/dedup.md).
@@ -472,13 +490,14 @@ def dedup(table_dir: str | Path, *, mode: Literal["exact", "near"] = "exact", th
     _SPILL_INDEX.clear()
     tables = len(plan.masks) if mode == "near" else 1
     groups = _spill_groups(paths, counts, max(1, spill_records // tables))
-    with _pool(processes) as pool:
+    with _pool(processes if map_fn is None else 1) as pool:
+        pmap = map_fn or pool.map
         rows_per_spill = max(1, spill_records // tables)
-        list(pool.map(spill, [table_dir] * len(groups), groups, [f"s{i:06d}" for i in range(len(groups))],
+        list(pmap(spill, [table_dir] * len(groups), groups, [f"s{i:06d}" for i in range(len(groups))],
                       [plan] * len(groups), [rows_per_spill] * len(groups)))
         parts = range(plan.partitions)
-        exact = list(pool.map(reduce_exact, [table_dir] * plan.partitions, parts))
-        near = (list(pool.map(reduce_near, [table_dir] * plan.partitions, parts, [plan] * plan.partitions))
+        exact = list(pmap(reduce_exact, [table_dir] * plan.partitions, parts))
+        near = (list(pmap(reduce_near, [table_dir] * plan.partitions, parts, [plan] * plan.partitions))
                 if mode == "near" else [])
     removed = resolve(np.concatenate(exact) if exact else np.zeros((0, 2), np.int64),
                       np.concatenate(near) if near else np.zeros((0, 3), np.int64))
@@ -499,4 +518,4 @@ class _Serial:
 
 
 def _pool(processes: int):
-    return ProcessPoolExecutor(processes) if processes > 1 else _Serial()
+    return ProcessPoolExecutor(processes) if processes > 1 else _Serial()  # an unused _Serial costs nothing
