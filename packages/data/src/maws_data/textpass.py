@@ -519,12 +519,16 @@ def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
                 write_bytes(str(cache_path), buf.getvalue())
             except OSError:
                 pass  # a read-only home is only a slower next build
+            # the names of the new tags' synsets too, while WordNet is loaded for the mapping: else a
+            # later warm build whose larger counts lift another synset over min_count loads WordNet
+            # (~3 s and ~150 MB of the driver) to name it
+            synset_names({w for t in todo for w in out[t][0]}, mapping_cfg, cache_dir)
     return out, len(todo)
 
 
 def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None) -> dict[str, str]:
-    """wnid -> synset name ("dog.n.01"), through the same cache: a warm build never loads WordNet
-    (reading it costs ~10 s and ~150 MB)."""
+    """wnid -> synset name ("dog.n.01"), through the same cache (filled by `map_tags` for every synset
+    it maps to): a warm build never loads WordNet (reading it costs ~3-10 s and ~150 MB)."""
     from maws_data.wordnet import synset_name
 
     wnids = set(wnids)
