@@ -250,15 +250,19 @@ def resolve_keys(task: KeyTask) -> dict:
     """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n, "dup_units": [unit, ...]}."""
     parts = [part for u in range(task.units) if (part := _read_spill(_unit_url(task.work, u), task.bucket)) is not None]
     # one arrow -> polars conversion for the bucket, not one per unit
-    df = pl.from_arrow(pa.concat_tables(parts)).sort("row") if parts else pl.DataFrame(
+    df = pl.from_arrow(pa.concat_tables(parts)) if parts else pl.DataFrame(
         schema={"row": pl.UInt64, "key": pl.String, "safe": pl.String})
+    # units cover increasing row ranges and a spill keeps row order inside a bucket, so the rows
+    # arrive sorted; sorting anyway cost ~30 MB of the task's ~80 MB at 250k rows (the worker's peak)
+    if not df["row"].is_sorted():
+        df = df.sort("row")
     first = df["key"].is_first_distinct()
     dups = df.filter(~first).join(df.filter(first).select("key", pl.col("row").alias("first")), on="key")
     dups = dups.select("row", pl.lit("duplicate_key").alias("reason"), pl.lit(None, pl.String).alias("key"),
                        pl.Series("detail", [f"key {k!r} already used by row {r}"
                                             for k, r in zip(dups["key"].to_list(), dups["first"].to_list())],
                                  dtype=pl.String))
-    kept = df.filter(first)
+    kept = df if dups.height == 0 else df.filter(first)  # most builds: no duplicate, no copy
     renamed = kept.filter(~kept["safe"].is_first_distinct()).select(
         "row", pl.lit(None, pl.String).alias("reason"),
         (pl.col("safe") + "_r" + pl.col("row").cast(pl.String)).alias("key"), pl.lit(None, pl.String).alias("detail"))
