@@ -84,3 +84,16 @@ def test_mapping_cache_maps_each_tag_once(tmp_path):
     _, mapped = map_tags(tags, MappingConfig(ambiguity="skip"), str(tmp_path))
     assert mapped == len(tags)
     assert map_tags(tags, cfg, "")[1] == len(tags)  # "" turns the cache off
+
+
+def test_mapping_also_caches_synset_names(tmp_path, monkeypatch):
+    """A warm build names its synsets from the cache even when larger counts lift a synset over
+    min_count that no earlier build kept: map_tags caches the name of every synset it maps to."""
+    from maws_data import textpass, wordnet
+
+    mapping, _ = map_tags({"dog", "sunsetbeach", "instagood"}, MappingConfig(), str(tmp_path))
+    wnids = {w for ws, _ in mapping.values() for w in ws}
+    assert "n02084071" in wnids
+    monkeypatch.setattr(wordnet, "synset_name", lambda w: pytest.fail(f"WordNet asked for {w}"))
+    names = textpass.synset_names(wnids, MappingConfig(), str(tmp_path))
+    assert names["n02084071"] == "dog.n.01" and set(names) == wnids
