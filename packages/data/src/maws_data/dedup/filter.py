@@ -5,11 +5,12 @@
 The builder calls this after the dedup pass (table.Decisions.removed_keys / for_rows) so the final
 tars contain no removed sample and plain webdataset / HF datasets / DALI readers see the clean set.
 For shard NNNNNN in `shards_dir`:
-  shard-NNNNNN.tar           kept samples, same order, members re-added with shards.add_sample
-                             (fixed metadata), so the bytes depend only on the kept samples
-                             (filtering nothing reproduces the tar byte for byte)
-  shard-NNNNNN.idx           shards.dali_index of the new tar
-  shard-NNNNNN.samples.npz   sidecar.encode(index, labels, sizes) of the kept samples (from KEY.json)
+  shard-NNNNNN.tar           the kept samples' bytes, copied in order (headers carry fixed metadata
+                             and no offsets), + tarfile's trailer: the tar write_shard would have
+                             written for the kept rows alone, byte for byte
+  shard-NNNNNN.idx           the old DALI index without the removed samples, offsets shifted
+                             (= shards.dali_index of the new tar)
+  shard-NNNNNN.samples.npz   the old sidecar's kept rows (sidecar.encode: the same bytes as the builder's)
   shard-NNNNNN.json          stats: samples, labeled, caption_missing, sha256, bytes, label_counts,
                              sqrt_weight recomputed; the removed rows added to "skipped" and
                              "skipped_rows" (so finish.py's skipped.jsonl and manifest counts include them)
@@ -27,6 +28,7 @@ Memory: O(one shard).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,24 +38,34 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from maws_data import sidecar, storage
-from maws_data.manifest import read_bytes, sha256_file, write_json
-from maws_data.shards import add_sample, dali_index, shard_stem
+from maws_data.manifest import read_bytes, write_json
+from maws_data.shards import IDX_VERSION, shard_stem
 
 SHARD_FILES = (".tar", ".idx", sidecar.SUFFIX)  # what a shard has besides its stats, in upload order
 
 
-def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
-    """[(KEY, {ext: bytes})] in tar order (webdataset grouping: KEY is the name before the first dot)."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            key, _, ext = m.name.partition(".")
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][ext] = tf.extractfile(m).read()
-    return samples
+def sample_spans(entries: list[tuple[str, dict[str, tuple[int, int]]]]) -> list[tuple[int, int]]:
+    """Each sample's [start, end) bytes in its tar, from the DALI index: its members' 512-byte USTAR
+    headers and padded data are contiguous (the builder writes one sample's members together)."""
+    spans = []
+    for key, members in entries:
+        start = min(off for off, _ in members.values()) - tarfile.BLOCKSIZE
+        end = max(off + _padded(size) for off, size in members.values())
+        if spans and spans[-1][1] != start:
+            raise ValueError(f"sample {key}: its members do not follow the previous sample's (not a maws shard?)")
+        spans.append((start, end))
+    return spans
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _trailer(length: int) -> bytes:
+    """What `tarfile` writes when a stream-mode archive of `length` bytes is closed: two zero blocks,
+    then zeros up to a whole record."""
+    end = length + 2 * tarfile.BLOCKSIZE
+    return b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE)
 
 
 def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *,
@@ -63,6 +75,11 @@ def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *
     drop: KEY -> the skipped.jsonl record of that row ({"row", "key", "reason", "detail"}), added to
     the stats. class_counts: the vocabulary counts, needed when the stats carry sqrt_weight.
     Keys in `drop` that are not in the shard are ignored (so a rerun is a no-op).
+
+    The kept samples' tar bytes are copied as they are (USTAR headers hold no offsets, so a sample's
+    bytes do not depend on what precedes it), and the index and sidecar are the old ones without the
+    removed rows, offsets shifted: no tar member or KEY.json of a kept sample is parsed. Only the
+    removed samples' KEY.json are read (their source key, and whether their caption was null).
     """
     shards = Path(shards_dir)
     stem = shard_stem(index)
@@ -70,57 +87,81 @@ def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *
     stats = json.loads(stats_path.read_text(encoding="utf-8"))
     if not stats.get("samples"):
         return stats
-    tar_path = shards / f"{stem}.tar"
-    samples = _read_samples(tar_path)
-    removed = sorted(({**drop[k], "key": json.loads(m["json"]).get("source_key", k)}
-                      for k, m in samples if k in drop), key=lambda r: r.get("row", 0))
-    if not removed:
+    tar_path, idx_path, side_path = (shards / f"{stem}{suffix}" for suffix in SHARD_FILES)
+    entries = sidecar.parse_dali_index(idx_path.read_text(encoding="utf-8"), str(idx_path))
+    gone = [i for i, (key, _) in enumerate(entries) if key in drop]
+    if not gone:
         return stats
     if class_counts is None and "sqrt_weight" in stats:
         raise ValueError(f"{stats_path}: has sqrt_weight; pass class_counts (the vocabulary counts) to recompute it")
-
-    kept = [(k, m) for k, m in samples if k not in drop]
-    metas = [json.loads(m["json"]) for _, m in kept]
-    labels = [meta["labels"] for meta in metas]
-    sizes = [(meta["width"], meta["height"]) for meta in metas]
-    hashed = bool(metas) and all("sha256" in meta and "phash" in meta for meta in metas)
-    hashes = {"sha256": [m["sha256"] for m in metas], "phash": [int(m["phash"], 16) for m in metas]} if hashed else {}
-    tmp = {ext: shards / f".{stem}.{ext}.filter.tmp" for ext in ("tar", "idx", "npz")}
+    side = sidecar.decode(side_path.read_bytes(), str(side_path))
+    spans = sample_spans(entries)
+    gone_set = set(gone)
+    kept = [i for i in range(len(entries)) if i not in gone_set]
+    removed, null_captions = [], 0
+    tmp = {suffix: shards / f".{stem}{suffix}.filter.tmp" for suffix in SHARD_FILES}
     try:
+        with open(tar_path, "rb") as src:
+            for i in gone:
+                key, members = entries[i]
+                off, size = members["json"]
+                src.seek(off)
+                meta = json.loads(src.read(size))
+                null_captions += meta.get("caption") is None
+                removed.append({**drop[key], "key": meta.get("source_key", key)})
+            digest, length, shifts = _copy_samples(src, tmp[".tar"], [spans[i] for i in kept]) if kept else (None, 0, [])
         if kept:
-            with open(tmp["tar"], "wb") as f:
-                with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                    for key, members in kept:
-                        add_sample(tar, key, members)
-                f.flush()
-                os.fsync(f.fileno())
-            idx = dali_index(tmp["tar"])
-            tmp["idx"].write_text(idx, encoding="utf-8")
-            tmp["npz"].write_bytes(sidecar.encode(idx, labels, sizes, **hashes))
-            digest, size = sha256_file(tmp["tar"]), tmp["tar"].stat().st_size
-            for ext, final in (("tar", tar_path), ("idx", shards / f"{stem}.idx"),
-                               ("npz", shards / f"{stem}{sidecar.SUFFIX}")):
-                os.replace(tmp[ext], final)  # the tar first: an index never names a tar that is not there
+            lines = [" ".join(f"{ext} {off - shift} {size} {entries[i][0]}.{ext}"
+                              for ext, (off, size) in entries[i][1].items()) for i, shift in zip(kept, shifts)]
+            idx = f"{IDX_VERSION} {len(kept)}\n" + "".join(line + "\n" for line in lines)
+            tmp[".idx"].write_text(idx, encoding="utf-8")
+            hashes = ({"sha256": [bytes(side.sha256[i]).hex() for i in kept], "phash": side.phash[kept].tolist()}
+                      if side.sha256 is not None else {})
+            labels = [side.labels_of(i).tolist() for i in kept]
+            tmp[sidecar.SUFFIX].write_bytes(sidecar.encode(idx, labels, side.size[kept].tolist(), **hashes))
+            for suffix, final in zip(SHARD_FILES, (tar_path, idx_path, side_path)):
+                os.replace(tmp[suffix], final)  # the tar first: an index never names a tar that is not there
         else:
-            for final in (tar_path, shards / f"{stem}.idx", shards / f"{stem}{sidecar.SUFFIX}"):
+            labels = []
+            for final in (tar_path, idx_path, side_path):
                 final.unlink(missing_ok=True)
-            digest, size = None, 0
     finally:
         for p in tmp.values():
             p.unlink(missing_ok=True)
 
+    removed.sort(key=lambda r: r.get("row", 0))
     skipped_rows = sorted([*stats.get("skipped_rows", []), *removed], key=lambda s: s["row"])
     reasons: dict[str, int] = {}
     for s in skipped_rows:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
     stats.update({"shard": tar_path.name if kept else None, "samples": len(kept),
-                  "labeled": sum(bool(lab) for lab in labels), "sha256": digest, "bytes": size,
+                  "labeled": sum(bool(lab) for lab in labels), "sha256": digest, "bytes": length,
                   "skipped": dict(sorted(reasons.items())), "skipped_rows": skipped_rows,
                   **sidecar.stats_fields(labels, class_counts)})
     if "caption_missing" in stats:
-        stats["caption_missing"] = sum(meta.get("caption") is None for meta in metas)
+        stats["caption_missing"] -= null_captions
     write_json(str(stats_path), stats, compact=True)  # last: the commit marker (as shards.write_shard writes it)
     return stats
+
+
+def _copy_samples(src, dest: Path, spans: list[tuple[int, int]]) -> tuple[str, int, list[int]]:
+    """Copy the byte spans of `src` to `dest` + the tar trailer, durably; (sha256, length, each span's shift)."""
+    h = hashlib.sha256()
+    shifts, length = [], 0
+    with open(dest, "wb") as out:
+        for start, end in spans:
+            src.seek(start)
+            data = src.read(end - start)
+            shifts.append(start - length)
+            out.write(data)
+            h.update(data)
+            length += len(data)
+        tail = _trailer(length)
+        out.write(tail)
+        h.update(tail)
+        out.flush()
+        os.fsync(out.fileno())
+    return h.hexdigest(), length + len(tail), shifts
 
 
 def filter_shard_at(shards_url: str, index: int, drop: Mapping[str, dict], *,
@@ -136,7 +177,8 @@ def filter_shard_at(shards_url: str, index: int, drop: Mapping[str, dict], *,
         if not stats.get("samples"):
             return stats
         (local / f"{stem}.json").write_bytes(json.dumps(stats).encode())
-        fs.get_file(f"{base}/{stem}.tar", str(local / f"{stem}.tar"))
+        fs.get([f"{base}/{stem}{suffix}" for suffix in SHARD_FILES],
+               [str(local / f"{stem}{suffix}") for suffix in SHARD_FILES])
         new = filter_shard(local, index, drop, class_counts=class_counts)
         if new["sha256"] == stats["sha256"]:
             return new  # nothing of `drop` was in the shard (a rerun)
