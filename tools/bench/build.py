@@ -11,6 +11,7 @@ is the steadier measure of how much work each tool needs.
     uv run python tools/bench/build.py                         # 2 processes, URLs x4 (9,044 images)
     uv run python tools/bench/build.py --processes 4 --repeat 8 --images-stage
     uv run python tools/bench/build.py --skip-img2dataset      # our side only
+    uv run python tools/bench/build.py --skip-img2dataset --dedup-cost   # + what dedup costs per image
 
 img2dataset runs isolated through `uvx --from img2dataset img2dataset` (PyPI, its own deps).
 
@@ -20,6 +21,18 @@ any builder must spend per image. `ours / floor` is the builder's wall time per 
 floor's. The gap is split by the other rows: `images stage only` adds the HTTP client and the
 thread hand-offs to the floor; the build's image pass adds tar writing, JSON, the DALI index,
 the sidecar and the sha256 of every tar.
+
+The URL list repeats every photo --repeat times, so these runs use `--dedup none` (with the default
+`exact`, 3 of 4 rows would be removed as duplicate_image and the tools would not write the same
+images). `--dedup-cost` measures, in the same run, what deduplication costs per image (issue 12's
+target: <= 10% of the image pass):
+  - hashing: the floor loop again with sha256 of the source bytes + pHash of the resized image
+    ("floor + hashes"); the difference in CPU per image, over the build image pass's CPU per image;
+  - lookups: the build on the sample's distinct rows (--repeat 1: its own ~1% repeats, no copies
+    made by the bench), --dedup none against --dedup near --decontaminate --eval, alternating,
+    --dedup-runs times each, medians of the image pass (which then includes the eval lookups, the
+    unit files, the dedup stage and the shard filtering); the difference in CPU per input row.
+Building the eval index (once per build, before the text pass) is timed separately.
 """
 
 from __future__ import annotations
@@ -183,14 +196,14 @@ print(json.dumps({"main_cpu_s": cpu(resource.getrusage(resource.RUSAGE_SELF)),
 """
 
 
-def our_kwargs(source: Path, out: Path, args) -> dict:
+def our_kwargs(source: Path, out: Path, args, **kw) -> dict:
     """BuildConfig fields for maws_data.build (see packages/data/src/maws_data/build.py)."""
     return {"source": str(source), "out": str(out), "image_size": args.image_size, "jpeg_quality": 90,
             "processes": args.processes, "shard_size": SHARD_SIZE, "decoder": args.decoder, "progress": False,
-            "timeout_s": 10.0, "retries": 2}
+            "timeout_s": 10.0, "retries": 2, "dedup": "none", **kw}
 
 
-def run_ours(source: Path, out: Path, args, server_pid: int) -> tuple[Timing, float, Timing]:
+def run_ours(source: Path, out: Path, args, server_pid: int, **kw) -> tuple[Timing, float, Timing]:
     """Whole build in a fresh process: its Timing, the seconds of its text pass, and the Timing of
     its image pass alone.
 
@@ -201,7 +214,7 @@ def run_ours(source: Path, out: Path, args, server_pid: int) -> tuple[Timing, fl
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault("NLTK_DATA", str(ROOT.parent / "shared" / "data" / "nltk_data"))
-    cmd = [sys.executable, "-c", OUR_DRIVER, json.dumps(our_kwargs(source, out, args))]
+    cmd = [sys.executable, "-c", OUR_DRIVER, json.dumps(our_kwargs(source, out, args, **kw))]
     started = time.time()
     wall, cpu, server, stdout = timed(cmd, server_pid=server_pid, env=env, cwd=ROOT)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -258,19 +271,24 @@ sys.path.insert(0, "tools/bench")
 from build import floor_chunk
 if __name__ == "__main__":
     paths, procs, size = json.loads(open(sys.argv[1]).read()), int(sys.argv[2]), int(sys.argv[3])
+    hashes = sys.argv[4] == "1"
     chunks = [paths[i::procs] for i in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
-        print(json.dumps(pool.starmap(floor_chunk, [(c, size) for c in chunks])))
+        print(json.dumps(pool.starmap(floor_chunk, [(c, size, hashes) for c in chunks])))
 """
 
 
-def floor_chunk(paths: list[str], image_size: int) -> tuple[int, float, float]:
-    """(images, loop wall s, loop CPU s): draft decode + resize + encode, bytes already in memory."""
+def floor_chunk(paths: list[str], image_size: int, hashes: bool = False) -> tuple[int, float, float, float]:
+    """(images, loop wall s, loop CPU s, hashing CPU s): draft decode + resize + encode, bytes already in
+    memory; with `hashes`, also sha256 of the bytes and pHash of the resized image (what the builder
+    adds), their CPU time measured around the calls (a difference of two loops drowns in the noise)."""
     import io
 
+    from maws_data.dedup.hashes import content_hash, phash
     from PIL import Image
 
     datas = [Path(p).read_bytes() for p in paths]
+    hash_cpu = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     for data in datas:
         im = Image.open(io.BytesIO(data))
@@ -283,19 +301,71 @@ def floor_chunk(paths: list[str], image_size: int) -> tuple[int, float, float]:
             im = im.resize(size, Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=90, subsampling=2)
-    return len(datas), time.perf_counter() - t0, time.process_time() - c0
+        if hashes:
+            h0 = time.thread_time()
+            content_hash(data)
+            phash(im)
+            hash_cpu += time.thread_time() - h0
+    return len(datas), time.perf_counter() - t0, time.process_time() - c0, hash_cpu
 
 
-def run_floor(data: Path, args, repeat: int, work: Path) -> Timing:
+def run_floor(data: Path, args, repeat: int, work: Path, *, hashes: bool = False) -> Timing:
     """The floor over the same images as the build (each file `repeat` times, as the URL list)."""
     files = [str(data / p) for p in pl.read_parquet(data / "captions.parquet")["image"]] * repeat
     listing = work / "floor_files.json"
     listing.write_text(json.dumps(files))
-    cmd = [sys.executable, "-c", FLOOR_DRIVER, str(listing), str(args.processes), str(args.image_size)]
+    cmd = [sys.executable, "-c", FLOOR_DRIVER, str(listing), str(args.processes), str(args.image_size),
+           "1" if hashes else "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
     parts = json.loads(proc.stdout.strip().splitlines()[-1])
     n = sum(p[0] for p in parts)
-    return Timing(max(p[1] for p in parts), n, sum(p[2] for p in parts), 0.0)
+    # with hashes: server_cpu_s carries the hashing CPU alone (no server here)
+    return Timing(max(p[1] for p in parts), n, sum(p[2] for p in parts), sum(p[3] for p in parts))
+
+
+# --------------------------------------------------------------------------- dedup cost
+
+
+def run_dedup_cost(data: Path, base_url: str, args, server_pid: int, work: Path) -> dict:
+    """Image pass per input row with --dedup none and with --dedup near --decontaminate, alternating."""
+    import statistics
+
+    _, source, rows = make_inputs(data, base_url, 1, work / "distinct")
+    modes = {"none": {"dedup": "none"},
+             "near + decontaminate": {"dedup": "near", "decontaminate": [str(args.eval)]}}
+    runs: dict[str, list[Timing]] = {m: [] for m in modes}
+    for r in range(args.dedup_runs):
+        for mode, kw in modes.items():
+            _, _, image_pass = run_ours(source, work / f"dedup-{r}", args, server_pid, **kw)
+            image_pass.images = rows  # per input row: near writes a few images fewer
+            runs[mode].append(image_pass)
+            print(f"  dedup cost run {r + 1}/{args.dedup_runs} {mode:>20}: image pass {image_pass.wall_s:6.2f} s, "
+                  f"{image_pass.cpu_ms_per_image:.2f} CPU ms/row", flush=True)
+    from maws_data.dedup.decontam import EvalIndex
+
+    t0 = time.perf_counter()
+    index = EvalIndex.build([args.eval])
+    return {"rows": rows, "runs": args.dedup_runs, "eval_images": len(index), "eval_index_s": time.perf_counter() - t0,
+            **{m: Timing(statistics.median(t.wall_s for t in ts), rows, statistics.median(t.cpu_s for t in ts),
+                         statistics.median(t.server_cpu_s for t in ts)) for m, ts in runs.items()}}
+
+
+def report_dedup_cost(cost: dict, hashed: Timing, image_pass: Timing | None) -> None:
+    none, near = cost["none"], cost["near + decontaminate"]
+    hash_ms = 1000 * hashed.server_cpu_s / hashed.images  # run_floor(hashes=True): the hashing CPU
+    base = image_pass.cpu_ms_per_image if image_pass else none.cpu_ms_per_image
+    lookup_ms = near.cpu_ms_per_image - none.cpu_ms_per_image
+    print(f"dedup cost over {cost['rows']} distinct rows (medians of {cost['runs']} runs each):")
+    print(f"  hashing (sha256 + pHash): {hash_ms:.3f} CPU ms/image = {100 * hash_ms / base:.1f}% of the image pass "
+          f"({base:.2f} CPU ms/image)")
+    print(f"  image pass, --dedup none: {none.wall_s:.2f} s wall, {none.cpu_ms_per_image:.2f} CPU ms/row; "
+          f"--dedup near --decontaminate: {near.wall_s:.2f} s wall, {near.cpu_ms_per_image:.2f} CPU ms/row")
+    print(f"  lookups (eval match, units, dedup stage, filter): {lookup_ms:.3f} CPU ms/row = "
+          f"{100 * lookup_ms / none.cpu_ms_per_image:.1f}% ({100 * (near.wall_s / none.wall_s - 1):+.1f}% wall)")
+    total = 100 * hash_ms / base + 100 * lookup_ms / none.cpu_ms_per_image
+    print(f"target: hashing + lookups <= 10% of the image pass per image -> {'MET' if total <= 10 else 'NOT met'} "
+          f"({total:.1f}%)")
+    print(f"  eval index: {cost['eval_images']} images hashed in {cost['eval_index_s']:.2f} s (once per build)")
 
 
 # --------------------------------------------------------------------------- main
@@ -344,6 +414,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
     ap.add_argument("--skip-img2dataset", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--dedup-cost", action="store_true", help="also measure what --dedup near --decontaminate costs")
+    ap.add_argument("--dedup-runs", type=int, default=3, help="builds per dedup mode for --dedup-cost")
+    ap.add_argument("--eval", type=Path, default=ROOT.parent / "shared" / "data" / "imagenette" / "val",
+                    help="eval set for --dedup-cost's --decontaminate")
     ap.add_argument("--images-stage", action="store_true",
                     help="also time maws_data.images alone (download+decode+resize+encode) in a process pool")
     args = ap.parse_args()
@@ -369,11 +443,17 @@ def main() -> None:
                 source, work / "ours", args, server.pid)
         if args.images_stage:
             results["images stage only"] = run_images_stage(source, args, server.pid)
+        if args.dedup_cost:
+            results["floor + hashes"] = run_floor(args.data, args, args.repeat, work, hashes=True)
+            cost = run_dedup_cost(args.data, base_url, args, server.pid, work)
     finally:
         server.kill()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    hashed = results.pop("floor + hashes", None)
     report(results, text_pass)
+    if args.dedup_cost:
+        report_dedup_cost(cost, hashed, results.get("build image pass"))
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
 
