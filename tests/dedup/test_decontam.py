@@ -75,6 +75,29 @@ def test_every_injected_variant_is_reported(contaminated):
     assert report["eval_images"] == 9 + 7
 
 
+def test_builds_without_stored_hashes_are_decoded_and_hashed(contaminated, tmp_path):
+    # the builder's stored phashes (sidecar v2) and hashes of the decoded JPEGs (older builds: v1
+    # sidecars, or none) find the same copies
+    c = contaminated
+    stored = decontaminate(c["build"], [c["tree"], c["flat"]])
+    assert stored["hashed_shards"] == 0
+    for kind in ("v1", "none"):
+        old = tmp_path / kind
+        shutil.copytree(c["build"], old, symlinks=True)
+        for side_path in (old / "shards").glob(f"*{sidecar.SUFFIX}"):
+            s = sidecar.decode(side_path.read_bytes())
+            side_path.unlink()
+            if kind == "v1":
+                idx = (old / "shards" / side_path.name.replace(sidecar.SUFFIX, ".idx")).read_text()
+                side_path.write_bytes(sidecar.encode(idx, [s.labels_of(i).tolist() for i in range(len(s))],
+                                                     s.size.tolist()))
+                assert sidecar.decode(side_path.read_bytes()).phash is None
+        decoded = decontaminate(old, [c["tree"], c["flat"]])
+        assert decoded["hashed_shards"] == len(json.loads((old / "manifest.json").read_text())["shards"])
+        assert [(m["key"], m["eval_file"]) for m in decoded["matches"]] == \
+            [(m["key"], m["eval_file"]) for m in stored["matches"]]
+
+
 def test_list_images_and_index_roundtrip(contaminated, tmp_path):
     files = list_images(contaminated["flat"])
     assert all(f.suffix.lower() in (".jpeg", ".jpg") for f in files) and files == sorted(files)

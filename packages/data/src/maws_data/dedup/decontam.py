@@ -10,9 +10,9 @@ crop), so training copies that are mirrored or have a border cut off are caught 
 side keeps one hash per sample. `match` uses an in-memory multi-index (mih.MultiIndex): one
 `searchsorted` per table per batch of training hashes.
 
-`decontaminate` reads an existing build through its manifest and each shard's sidecar (offsets of
-KEY.jpg in the tar; falls back to reading the tar), decodes every stored JPEG and hashes it: builds
-made before issue 12 store no phash.
+`decontaminate` reads an existing build through its manifest and each shard's sidecar: the stored
+phashes (sidecar version 2, every build since the builder hashes its samples), else the offsets of
+KEY.jpg in the tar (or the tar itself) to decode and hash every stored JPEG (older builds).
 
 Memory: the index, O(4 x eval images x tables); one shard's samples at a time.
 """
@@ -142,12 +142,24 @@ def shard_jpegs(build: str | Path, name: str) -> list[tuple[str, bytes]]:
                 if m.isreg() and m.name.split(".", 1)[-1] == "jpg"]
 
 
+def stored_phashes(build: str | Path, name: str) -> tuple[list[str], np.ndarray] | None:
+    """(KEYs, phashes) of one shard from its sidecar, when the build stored them (sidecar version 2)."""
+    side_url = storage.join(str(build), name)[: -len(".tar")] + sidecar.SUFFIX
+    fs, side_path = storage.filesystem(side_url)
+    if not fs.exists(side_path):
+        return None
+    s = sidecar.decode(fs.cat_file(side_path), side_url)
+    return None if s.phash is None else ([k.decode() for k in s.key], s.phash)
+
+
 def decontaminate(build: str | Path, against: Sequence[str | Path], *, threshold: int = EVAL_THRESHOLD,
                   index: EvalIndex | None = None, threads: int = 8) -> dict:
     """Report how contaminated an existing build is: every sample within `threshold` of an eval image.
 
     {"build", "against", "threshold", "eval_images", "eval_unreadable", "samples", "contaminated",
-     "by_eval_set": {folder: n}, "matches": [{"key", "shard", "eval_file", "distance"}]} (shard order).
+     "by_eval_set": {folder: n}, "matches": [{"key", "shard", "eval_file", "distance"}],
+     "hashed_shards": n} (shard order). Shards whose sidecar stores the builder's phashes are matched
+    from those (no image is read); the others' JPEGs are decoded and hashed ("hashed_shards" counts them).
     """
     if not 0 <= threshold < 64:
         raise DecontamError(f"--threshold {threshold}: a Hamming distance between 64-bit hashes, 0 to 63")
@@ -156,24 +168,29 @@ def decontaminate(build: str | Path, against: Sequence[str | Path], *, threshold
     except (FileNotFoundError, ValueError) as e:
         raise DecontamError(str(e)) from None
     index = index or EvalIndex.build(against, threads=threads)
-    matches, samples = [], 0
+    matches, samples, hashed = [], 0, 0
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for shard in manifest["shards"]:
             try:
-                jpegs = shard_jpegs(build, shard["name"])
+                stored = stored_phashes(build, shard["name"])
+                if stored is None:
+                    jpegs = shard_jpegs(build, shard["name"])
+                    hashed += 1
+                    stored = ([k for k, _ in jpegs],
+                              np.array(list(pool.map(lambda kv: phash_bytes(kv[1]), jpegs)), np.uint64))
             except (OSError, tarfile.TarError, ValueError) as e:
                 raise DecontamError(f"{storage.join(str(build), shard['name'])}: cannot read the shard ({e})") from None
-            samples += len(jpegs)
-            hashes = np.array(list(pool.map(lambda kv: phash_bytes(kv[1]), jpegs)), np.uint64)
+            keys, hashes = stored
+            samples += len(keys)
             ids, dist = index.match(hashes, threshold)
-            for (key, _), i, d in zip(jpegs, ids, dist):
+            for key, i, d in zip(keys, ids, dist):
                 if i >= 0:
                     matches.append({"key": key, "shard": shard["name"], "eval_file": index.files[i], "distance": int(d)})
     by_set = {str(p): sum(m["eval_file"].startswith(os.path.join(str(p), "")) or m["eval_file"] == str(p)
                           for m in matches) for p in against}
     return {"build": str(build), "against": [str(p) for p in against], "threshold": threshold,
             "eval_images": len(index), "eval_unreadable": index.unreadable, "samples": samples,
-            "contaminated": len(matches), "by_eval_set": by_set, "matches": matches}
+            "contaminated": len(matches), "by_eval_set": by_set, "matches": matches, "hashed_shards": hashed}
 
 
 def write_report(report: dict, path: str | Path) -> None:
