@@ -305,3 +305,29 @@ def test_dali_decoder_on_gpu_gives_the_same_samples(tiny_source, tiny_build, tmp
     assert json.loads((out / "manifest.json").read_text())["config"]["decoder"] == "dali"
     pil, dali = all_samples(tiny_build), all_samples(out)
     assert [(k, m["json"], m["cls"]) for k, m in dali] == [(k, m["json"], m["cls"]) for k, m in pil]
+
+
+def test_tar_writer_writes_the_bytes_tarfile_writes(tmp_path):
+    # shards.TarWriter builds USTAR headers from a template; they must be tarfile's, byte for byte,
+    # and its index dali_index's (which re-parses the tar); names over USTAR's 100 bytes fail as in tarfile
+    from maws_data.shards import TarWriter, add_sample, dali_index
+
+    samples = [("a", {"jpg": b"\xff" * 513, "cls": b"3", "json": b"{}"}),
+               ("k" * 95, {"jpg": b"x" * 512, "cls": b"-1", "json": b'{"a":1}'}),
+               ("caf\u00e9_" + "9" * 40, {"jpg": b"", "cls": b"0", "json": b"[]"})]
+    for n in (0, 1, 3):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in samples[:n]:
+                add_sample(tar, key, members)
+        path = tmp_path / f"ours-{n}.tar"
+        with open(path, "wb") as f:
+            writer = TarWriter(f)
+            for key, members in samples[:n]:
+                writer.add(key, members)
+            digest, size, index = writer.close()
+        assert path.read_bytes() == buf.getvalue()
+        assert (digest, size) == (hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue()))
+        assert index == dali_index(path)
+    with pytest.raises(ValueError, match="name is too long"):
+        TarWriter(io.BytesIO()).add("k" * 120, {"jpg": b""})
