@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -518,4 +519,5 @@ class _Serial:
 
 
 def _pool(processes: int):
-    return ProcessPoolExecutor(processes) if processes > 1 else _Serial()  # an unused _Serial costs nothing
+    # spawn: the caller may hold threads (Ray, a thread pool) that a fork would copy half-initialised
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes > 1 else _Serial()
