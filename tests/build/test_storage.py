@@ -46,6 +46,16 @@ def test_s3_output_equals_local_build(tiny_source, tiny_build, s3_prefix):
     # a rerun on a finished S3 build keeps every shard and rewrites the same bytes
     build(BuildConfig(source=str(tiny_source), out=s3_prefix, **TINY))
     assert remote_digests(s3_prefix) == got
+    # `maws-data inspect` reads it where it is, and says what it says of the local copy
+    from maws_data.cli import app
+    from typer.testing import CliRunner
+
+    remote, local = (CliRunner().invoke(app, ["inspect", d, "--samples", "2"]) for d in (s3_prefix, str(tiny_build)))
+    assert remote.exit_code == 0 and local.exit_code == 0, remote.output
+    def body(out: str) -> str:  # from the counts on: the first line(s) name the build and its inputs
+        return out[out.index("rows "):]
+    assert body(remote.output) == body(local.output)
+    assert "first 2 samples of shard-000000.tar" in remote.output
 
 
 def test_s3_source_with_relative_images(tiny_source, tiny_build, s3_prefix):

@@ -140,7 +140,8 @@ def build(
 
 @app.command()
 def inspect(
-    build_dir: Annotated[Path, typer.Argument(help="The --out folder of a finished `maws-data build`.")],
+    build_dir: Annotated[str, typer.Argument(help="The --out folder (or s3:// / http(s):// prefix) of a finished "
+                                                  "`maws-data build`.")],
     top: Annotated[int, typer.Option(help="How many classes to list, most frequent first.")] = 10,
     samples: Annotated[int, typer.Option(help="How many samples to show from the first shard.")] = 3,
 ) -> None:
@@ -149,11 +150,10 @@ def inspect(
     from rich.table import Table
 
     from maws_data.manifest import read_manifest
-    from maws_data.vocab import Vocabulary
 
     try:
         manifest = read_manifest(build_dir)
-        vocab = Vocabulary.load(build_dir)
+        vocab = _load_vocabulary(build_dir)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
@@ -180,7 +180,9 @@ def inspect(
         table.add_row(str(i), vocab.wnids[i], vocab.names[i], str(vocab.counts[i]), " ".join(vocab.hashtags[i][:6]))
     console.print(table)
     if manifest["shards"] and samples > 0:
-        _print_samples(console, Path(build_dir) / manifest["shards"][0]["name"], samples)
+        from maws_data import storage
+
+        _print_samples(console, storage.join(build_dir, manifest["shards"][0]["name"]), samples)
 
 
 @app.command()
@@ -198,16 +200,35 @@ def upgrade(
     typer.echo(f"{build_dir}: {n} sidecars written")
 
 
-def _print_samples(console, tar_path: Path, n: int) -> None:
+def _load_vocabulary(build_dir: str):
+    """vocabulary.tsv of a local or remote build (a remote one through a temporary copy)."""
+    import tempfile
+
+    from maws_data import storage
+    from maws_data.manifest import read_bytes
+    from maws_data.vocab import VOCABULARY_NAME, Vocabulary
+
+    if not storage.is_remote(build_dir):
+        return Vocabulary.load(build_dir)
+    with tempfile.TemporaryDirectory(prefix="maws-inspect-") as tmp:
+        path = Path(tmp) / VOCABULARY_NAME
+        path.write_bytes(read_bytes(storage.join(build_dir, VOCABULARY_NAME)))
+        return Vocabulary.load(path)
+
+
+def _print_samples(console, tar_url: str, n: int) -> None:
     from rich.table import Table
 
-    table = Table(title=f"first {n} samples of {tar_path.name}")
+    from maws_data import storage
+
+    table = Table(title=f"first {n} samples of {tar_url.rsplit('/', 1)[-1]}")
     table.add_column("key", no_wrap=True)
     table.add_column("cls", no_wrap=True)
     table.add_column("size", no_wrap=True)
     table.add_column("wnids")
     table.add_column("caption")
-    with tarfile.open(tar_path) as tf:
+    fs, path = storage.filesystem(tar_url)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:  # streamed: reads the first samples only
         for m in tf:
             if not m.name.endswith(".json"):
                 continue
