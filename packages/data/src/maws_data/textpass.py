@@ -149,8 +149,8 @@ def _spill_bytes(usable: pl.DataFrame, buckets: int) -> bytes:
     starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     blobs = [batch.slice(starts[b], starts[b + 1] - starts[b]).to_batches()[0].serialize().to_pybytes()
              if sizes[b] else b"" for b in range(buckets)]
-    lens = np.fromiter(map(len, blobs), np.uint64, buckets)
-    offsets = len(SPILL_MAGIC) + 8 * (buckets + 1) + np.concatenate([[0], np.cumsum(lens)]).astype("<u8")
+    ends = np.cumsum(np.fromiter(map(len, blobs), np.int64, buckets))
+    offsets = len(SPILL_MAGIC) + 8 * (buckets + 1) + np.concatenate([np.zeros(1, np.int64), ends])
     return SPILL_MAGIC + offsets.astype("<u8").tobytes() + b"".join(blobs)
 
 
