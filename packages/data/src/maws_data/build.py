@@ -69,6 +69,7 @@ from maws_data.wordnet import MappingConfig
 
 BUILD_STATE_NAME = "build.json"
 BUILD_FORMAT = 3  # in the fingerprint: 2 = streaming builder (null captions kept, per-file shards), 3 = + dedup hashes
+WORKER_MODULES = ("maws_data.plan", "maws_data.textpass", "maws_data.imagepass")  # what tasks import first
 EVAL_INDEX_NAME = "eval_index.npz"  # in the work folder: the --decontaminate eval sets' hashes, for the workers
 # Config fields that do not change the output bytes (how the work is run, where, how it is shown).
 RUNTIME_FIELDS = ("out", "processes", "threads", "runner", "ray_address", "overwrite", "progress",
@@ -165,14 +166,15 @@ def build(cfg: BuildConfig) -> Path | str:
     src = SourceConfig(cfg.source, key_column=cfg.key_column, image_column=cfg.image_column,
                        caption_column=cfg.caption_column)
     src.wanted  # noqa: B018 - the column-name check, before anything is read
-    files = list_files(cfg.source)
-    decoder = choose_decoder(cfg.image_config(cfg.decoder))
-    resolved = {**dataclasses.asdict(cfg), "decoder": decoder}
     work = storage.join(out, WORK_DIR)
     rcfg = RunnerConfig(kind=cfg.runner, processes=cfg.num_processes, ray_address=cfg.ray_address,
                         retries=cfg.task_retries, task_timeout_s=cfg.task_timeout_s, progress=cfg.progress)
     try:
         with Runner(rcfg) as runner:
+            runner.warm(WORKER_MODULES)  # the workers import while the driver lists, resolves, indexes
+            files = list_files(cfg.source)
+            decoder = choose_decoder(cfg.image_config(cfg.decoder))
+            resolved = {**dataclasses.asdict(cfg), "decoder": decoder}
             # 1. plan (a missing column fails here, before --out is claimed for this config)
             scanned = {}
             scans = [ScanTask(f, src, cfg.shard_size) for f in files]

@@ -10,7 +10,8 @@ scheduler ever holds the whole task list (backpressure). Tasks are small records
 file, where to write); workers read their own rows.
 
 * local: `processes` == 1 runs the tasks inline; otherwise a spawn-context process pool, created
-  once and reused by every stage. spawn, not fork: the parent may hold torch/DALI/CUDA state or
+  once and reused by every stage. `warm()` starts it early: each worker imports the build's
+  modules (~1 s) while the driver does its own first work (listing files, the eval index). spawn, not fork: the parent may hold torch/DALI/CUDA state or
   threads that a fork would copy half-initialised.
 * ray: one Ray task per task, `num_cpus=1`; a task lost with its worker or node is retried by Ray
   (`retries`); a task that runs past `task_timeout_s` is cancelled and resubmitted, and after
@@ -58,6 +59,7 @@ class Runner:
         self._pool: ProcessPoolExecutor | None = None
         self._ray_started = False
         self._remotes: dict[Callable, Any] = {}
+        self._warming: list = []  # the warm-up futures (kept so that they are not collected early)
 
     def __enter__(self) -> Self:
         if self.cfg.kind == "ray":
@@ -105,9 +107,20 @@ class Runner:
         finally:
             bar.close()
 
-    def _map_local(self, fn: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
+    def warm(self, modules: tuple[str, ...] = ()) -> None:
+        """Start the local pool now, each worker importing `modules` (no-op inline or on Ray)."""
+        if self.cfg.kind != "local" or self.workers <= 1:
+            return
+        self._local_pool()
+        self._warming = [self._pool.submit(_import, modules) for _ in range(self.workers)]
+
+    def _local_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _map_local(self, fn: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
+        self._local_pool()
         limit = 2 * self.workers
         it = iter(tasks)
         running: dict = {}
@@ -182,6 +195,13 @@ class Runner:
                     raise TaskFailed(f"{describe(t)} ran past its deadline of {self.cfg.task_timeout_s:.0f} s "
                                      f"{attempt + 1} times; rerun the same command to resume")
                 running[remote.remote(t)] = (t, time.monotonic(), attempt + 1)
+
+
+def _import(modules: tuple[str, ...]) -> None:
+    import importlib
+
+    for m in modules:
+        importlib.import_module(m)
 
 
 def describe(task: Any) -> str:
