@@ -204,6 +204,32 @@ def main() -> None:
     report(runs, sizes, procs)
 
 
+def _python_work(_: int = 0) -> float:
+    """Seconds of the text pass's own kind of pure-Python work: hashtag parsing of 50k distinct chunks."""
+    from maws_data.hashtags import CHUNK_PATTERN, chunk_tags
+
+    chunks = captions().str.extract_all(CHUNK_PATTERN).explode().drop_nulls().unique().head(50_000).to_list()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for c in chunks:
+            chunk_tags.__wrapped__(c)  # uncached
+    return time.perf_counter() - t0
+
+
+def machine_speedup() -> float:
+    """How much faster 2 processes do the same CPU-bound Python work than 1, on this machine, now: the
+    ceiling of any 2-vs-1 ratio here (two vCPUs that share a physical core give well under 2x)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_python_work, [0, 0])  # warm: imports, captions
+        alone = min(pool.apply(_python_work) for _ in range(2))
+        t0 = time.perf_counter()
+        pool.map(_python_work, [0, 1], chunksize=1)
+        both = time.perf_counter() - t0
+    return 2 * alone / both
+
+
 def report(runs: list[Run], sizes: list[int], procs: list[int]) -> None:
     print("\n| rows | processes | wall s | us/row | text pass s | text rows/s/process | driver RSS MB | "
           "largest worker RSS MB | distinct tags |")
@@ -226,8 +252,11 @@ def report(runs: list[Run], sizes: list[int], procs: list[int]) -> None:
     if (hi, 1) in by:
         print(f"text pass, 1 process, {hi:,} rows: {by[(hi, 1)].text_rate:,.0f} rows/s (target >= 500,000)")
     if (hi, 1) in by and (hi, 2) in by:
-        print(f"text pass, 2 vs 1 processes at {hi:,} rows: {by[(hi, 1)].text_s / by[(hi, 2)].text_s:.2f}x "
-              "faster (target >= 1.8x)")
+        speedup = by[(hi, 1)].text_s / by[(hi, 2)].text_s
+        ceiling = machine_speedup()
+        print(f"text pass, 2 vs 1 processes at {hi:,} rows: {speedup:.2f}x faster (target >= 1.8x); this machine's "
+              f"own 2-vs-1 speedup on the same kind of Python work, measured now: {ceiling:.2f}x "
+              f"(the text pass gets {speedup / ceiling:.0%} of it)")
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
 
