@@ -169,7 +169,7 @@ def upgrade_build(build: str | Path, *, log=print) -> int:
         stem = tar.with_suffix("")
         stats_path, out = stem.with_suffix(".json"), Path(str(stem) + SUFFIX)
         index_text = stem.with_suffix(".idx").read_text()
-        labels, sizes = [], []
+        labels, sizes, sha256, phash = [], [], [], []
         with open(tar, "rb") as f:
             for key, members in parse_dali_index(index_text, str(stem.with_suffix(".idx"))):
                 if "json" not in members:
@@ -179,9 +179,13 @@ def upgrade_build(build: str | Path, *, log=print) -> int:
                 meta = json.loads(f.read(size))
                 labels.append([int(c) for c in meta["labels"]])
                 sizes.append((int(meta["width"]), int(meta["height"])))
+                if "sha256" in meta and "phash" in meta:  # builds since the dedup hashes: a version 2 sidecar
+                    sha256.append(meta["sha256"])
+                    phash.append(int(meta["phash"], 16))
         stats = json.loads(stats_path.read_text())
         if not out.exists():
-            atomic_write_bytes(out, encode(index_text, labels, sizes))
+            hashes = {"sha256": sha256, "phash": phash} if sha256 and len(sha256) == len(labels) else {}
+            atomic_write_bytes(out, encode(index_text, labels, sizes, **hashes))
             done += 1
         stats.update(stats_fields(labels, counts))
         atomic_write_json(stats_path, stats)
