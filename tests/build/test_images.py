@@ -329,6 +329,15 @@ def test_choose_decoder():
     import torch
 
     assert choose_decoder(ImageConfig(decoder="auto")) == ("dali" if torch.cuda.is_available() else "pil")
+    # the build's driver decides without importing torch (~450 MB of RSS and seconds on a CPU machine)
+    import subprocess
+    import sys
+
+    probe = ("import sys; from maws_data.images import ImageConfig, choose_decoder; "
+             "print(choose_decoder(ImageConfig()), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == ("dali" if torch.cuda.is_available() else "pil")
+    assert out[1] == "False" or torch.cuda.is_available()  # with a GPU, DALI may bring torch along
 
 
 def _dali_vs_pil(datas: list[bytes], cfg: ImageConfig, device: str) -> None:

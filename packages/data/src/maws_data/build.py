@@ -42,7 +42,7 @@ from maws_data.dedup.table import NEAR_THRESHOLD
 from maws_data.deduppass import DEDUP_DIR, dedup_pass, remove_table
 from maws_data.finish import SKIPPED_NAME, finish
 from maws_data.imagepass import SHARDS_DIR, ShardJob, run_shard, write_labels
-from maws_data.images import ImageConfig, choose_decoder
+from maws_data.images import ImageConfig, choose_decoder, cuda_device_count
 from maws_data.manifest import (
     MANIFEST_NAME,
     exists,
@@ -324,12 +324,7 @@ def _prepare_out(out: str, fingerprint: str, resolved: dict, inputs: list[dict],
 
 
 def _dali_device() -> str:
-    try:
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    return "gpu" if cuda_device_count() > 0 else "cpu"
 
 
 def _print_summary(manifest: dict, vocab: Vocabulary, *, resumed: int, t_text: float, t_images: float,
