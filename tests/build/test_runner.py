@@ -55,3 +55,20 @@ def test_ray_deadline_cancels_and_retries_then_fails():
             assert time.monotonic() - t0 < 30
     finally:
         ray.shutdown()
+
+
+def pid(_: int) -> int:
+    import os
+
+    return os.getpid()
+
+
+def test_local_pool_is_recycled_after_its_tasks():
+    # 2 workers, a fresh pool every 3 tasks per worker: 20 tasks need 4 pools, every result arrives
+    with Runner(RunnerConfig(kind="local", processes=2, recycle_tasks=3)) as runner:
+        runner.warm(("json",))
+        results = dict(runner.map(pid, range(20)))
+    assert sorted(results) == list(range(20))
+    assert len(set(results.values())) >= 4  # 4 pools, each with at least one worker of its own
+    per_worker = {p: sum(1 for v in results.values() if v == p) for p in set(results.values())}
+    assert max(per_worker.values()) <= 6  # no worker outlives its pool's 2 x 3 tasks

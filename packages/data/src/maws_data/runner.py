@@ -11,7 +11,11 @@ file, where to write); workers read their own rows.
 
 * local: `processes` == 1 runs the tasks inline; otherwise a spawn-context process pool, created
   once and reused by every stage. `warm()` starts it early: each worker imports the build's
-  modules (~1 s) while the driver does its own first work (listing files, the eval index). spawn, not fork: the parent may hold torch/DALI/CUDA state or
+  modules (~1 s) while the driver does its own first work (listing files, the eval index). After
+  `recycle_tasks` tasks per worker the pool is drained and replaced by a fresh one: a worker's
+  memory then cannot creep with the number of shards it has written (freed objects leave
+  fragmented arenas: +25 MB over a worker's first 500 shards, +90 MB over 5,000), at the cost of a
+  re-spawn (~1 s) per `recycle_tasks` tasks per worker. spawn, not fork: the parent may hold torch/DALI/CUDA state or
   threads that a fork would copy half-initialised.
 * ray: one Ray task per task, `num_cpus=1`; a task lost with its worker or node is retried by Ray
   (`retries`); a task that runs past `task_timeout_s` is cancelled and resubmitted, and after
@@ -51,6 +55,7 @@ class RunnerConfig:
     retries: int = 3  # Ray: attempts after a lost worker/node or a deadline
     task_timeout_s: float = 1800.0  # per task
     progress: bool = False
+    recycle_tasks: int = 1000  # replace a worker after this many tasks (local: the pool; Ray: max_calls); 0 = never
 
 
 class Runner:
@@ -60,6 +65,8 @@ class Runner:
         self._ray_started = False
         self._remotes: dict[Callable, Any] = {}
         self._warming: list = []  # the warm-up futures (kept so that they are not collected early)
+        self._warm_modules: tuple[str, ...] = ()
+        self._submitted = 0  # tasks given to the current local pool
 
     def __enter__(self) -> Self:
         if self.cfg.kind == "ray":
@@ -111,8 +118,19 @@ class Runner:
         """Start the local pool now, each worker importing `modules` (no-op inline or on Ray)."""
         if self.cfg.kind != "local" or self.workers <= 1:
             return
+        self._warm_modules = modules
         self._local_pool()
         self._warming = [self._pool.submit(_import, modules) for _ in range(self.workers)]
+
+    def _recycle_due(self) -> bool:
+        return self.cfg.recycle_tasks > 0 and self._submitted >= self.workers * self.cfg.recycle_tasks
+
+    def _recycle(self) -> None:
+        """Replace the drained pool by a fresh one (same warm-up)."""
+        self._pool.shutdown(wait=True)
+        self._pool = None
+        self._submitted = 0
+        self.warm(self._warm_modules)
 
     def _local_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -126,15 +144,19 @@ class Runner:
         running: dict = {}
         exhausted = False
         while True:
-            while not exhausted and len(running) < limit:
+            while not exhausted and len(running) < limit and not self._recycle_due():
                 try:
                     t = next(it)
                 except StopIteration:
                     exhausted = True
                     break
-                running[self._pool.submit(fn, t)] = (t, time.monotonic())
+                running[self._local_pool().submit(fn, t)] = (t, time.monotonic())
+                self._submitted += 1
             if not running:
-                return
+                if exhausted:
+                    return
+                self._recycle()  # due, and every task given to this pool has finished
+                continue
             done, _ = wait(running, timeout=min(10.0, self.cfg.task_timeout_s), return_when=FIRST_COMPLETED)
             for fut in done:
                 t, _ = running.pop(fut)
@@ -160,7 +182,9 @@ class Runner:
 
         if fn not in self._remotes:
             # retry_exceptions=False: a Python error in our code is a bug or a bad input, not flakiness
-            self._remotes[fn] = ray.remote(num_cpus=1, max_retries=self.cfg.retries)(fn)
+            # max_calls: Ray replaces a worker process after that many calls, as the local pool recycles
+            self._remotes[fn] = ray.remote(num_cpus=1, max_retries=self.cfg.retries,
+                                           max_calls=self.cfg.recycle_tasks)(fn)
         return self._remotes[fn]
 
     def _map_ray(self, fn: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
