@@ -177,3 +177,28 @@ def two_gloo_ranks():
         assert proc.returncode == 0, stderr[-3000:]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def kill_build_when():
+    """`kill_build_when(cmd, done, log, what)`: start the CLI `cmd` in its own session (output to the
+    file `log`), wait until `done()` (asserting it is still running, for at most 180 s), then SIGKILL
+    its whole process group, as a crash or an OOM kill would."""
+    import signal
+    import subprocess
+    import time
+
+    def run(cmd: list[str], done, log: Path, what: str) -> None:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=os.environ.copy())
+            deadline = time.monotonic() + 180
+            while not done():
+                assert proc.poll() is None, f"build exited early: {log.read_text()}"
+                assert time.monotonic() < deadline, f"{what} never happened"
+                time.sleep(0.01)
+            assert proc.poll() is None, "the build finished before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    return run

@@ -4,12 +4,8 @@ kept (not rewritten), broken or missing ones redone, stray temp files removed, o
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -41,7 +37,7 @@ def config(source: Path, out: Path, **kw) -> BuildConfig:
                           "decoder": "pil", "processes": 1, "progress": False, **kw})
 
 
-def test_sigkill_then_resume_equals_clean_build(image_server, tmp_path):
+def test_sigkill_then_resume_equals_clean_build(image_server, tmp_path, kill_build_when):
     if not MAWS_DATA.exists():
         pytest.skip(f"console script not installed at {MAWS_DATA}")
     # every response waits 0.3 s: rows of a shard load in parallel, so each of the 10 shards takes
@@ -53,18 +49,7 @@ def test_sigkill_then_resume_equals_clean_build(image_server, tmp_path):
     killed = tmp_path / "killed"
     cmd = [str(MAWS_DATA), "build", "--source", str(source), "--out", str(killed), "--image-size", "64",
            "--shard-size", "4", "--min-count", "2", "--decoder", "pil", "--processes", "1", "--no-progress"]
-    log = (tmp_path / "build.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    first_marker = killed / "shards" / "shard-000000.json"
-    deadline = time.monotonic() + 180
-    while not first_marker.exists():
-        assert proc.poll() is None, f"build exited early: {(tmp_path / 'build.log').read_text()}"
-        assert time.monotonic() < deadline, "first shard never finished"
-        time.sleep(0.01)
-    assert proc.poll() is None, "the build finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    log.close()
+    kill_build_when(cmd, (killed / "shards" / "shard-000000.json").exists, tmp_path / "build.log", "the first shard")
 
     assert not (killed / "manifest.json").exists()
     done = sorted(p.name for p in (killed / "shards").glob("shard-*.json"))

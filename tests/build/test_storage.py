@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -83,7 +79,7 @@ def test_http_source_file(tiny_source, tiny_build, tmp_path, folder_server):
     assert {k: got[k] for k in same} == {k: want[k] for k in same}  # images fetched next to the file's URL
 
 
-def test_s3_resume_after_sigkill_equals_clean_build(image_server, s3_prefix, tmp_path):
+def test_s3_resume_after_sigkill_equals_clean_build(image_server, s3_prefix, tmp_path, kill_build_when):
     if not MAWS_DATA.exists():
         pytest.skip(f"console script not installed at {MAWS_DATA}")
     image_server.delay_s = 0.3  # each 4-row shard takes >= 0.3 s: time to kill mid-way
@@ -98,17 +94,11 @@ def test_s3_resume_after_sigkill_equals_clean_build(image_server, s3_prefix, tmp
     fs, root = storage.filesystem(out)
     cmd = [str(MAWS_DATA), "build", "--source", str(src), "--out", out, "--image-size", "64", "--shard-size", "4",
            "--min-count", "2", "--decoder", "pil", "--processes", "1", "--no-progress"]
-    log = (tmp_path / "build.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
-    deadline = time.monotonic() + 180
-    while not fs.exists(f"{root}/shards/shard-000001.json"):
+    def second_shard_done() -> bool:
         fs.invalidate_cache()
-        assert proc.poll() is None, f"build exited early: {(tmp_path / 'build.log').read_text()}"
-        assert time.monotonic() < deadline, "no shard finished"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    log.close()
+        return fs.exists(f"{root}/shards/shard-000001.json")
+
+    kill_build_when(cmd, second_shard_done, tmp_path / "build.log", "a finished shard")
     fs.invalidate_cache()
     assert not fs.exists(f"{root}/manifest.json")
     done = sorted(f for f in fs.ls(f"{root}/shards") if f.endswith(".json"))

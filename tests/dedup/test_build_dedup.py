@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +201,7 @@ def test_crash_in_the_dedup_stage_then_resume(small, tmp_path, monkeypatch):
     assert digests(build(config(source, out, shard_size=40))) == digests(clean)  # resumed on 2 processes
 
 
-def test_sigkill_then_resume_equals_clean_build(small, tmp_path):
+def test_sigkill_then_resume_equals_clean_build(small, tmp_path, kill_build_when):
     if not MAWS_DATA.exists():
         pytest.skip(f"console script not installed at {MAWS_DATA}")
     _, source, clean = small
@@ -213,17 +209,7 @@ def test_sigkill_then_resume_equals_clean_build(small, tmp_path):
     cmd = [str(MAWS_DATA), "build", "--source", str(source), "--out", str(out), "--image-size", "256",
            "--shard-size", "40", "--min-count", "5", "--decoder", "pil", "--processes", "1", "--no-progress",
            "--mapping-cache", "", "--dedup", "near", "--decontaminate", str(IMAGENETTE_VAL)]
-    log = (tmp_path / "build.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    marker = out / "shards" / "shard-000002.json"
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        assert proc.poll() is None, f"build exited early: {(tmp_path / 'build.log').read_text()}"
-        assert time.monotonic() < deadline, "the third shard never finished"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    log.close()
+    kill_build_when(cmd, (out / "shards" / "shard-000002.json").exists, tmp_path / "build.log", "the third shard")
     assert not (out / "manifest.json").exists()
     assert digests(build(config(source, out, shard_size=40))) == digests(clean)
 
