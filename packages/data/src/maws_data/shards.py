@@ -251,6 +251,13 @@ def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
     return stats
 
 
+def tar_trailer(length: int) -> bytes:
+    """What `tarfile` writes when a stream-mode archive of `length` bytes is closed: two zero blocks,
+    then zeros up to a whole record."""
+    end = length + 2 * tarfile.BLOCKSIZE
+    return b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE)
+
+
 class TarWriter:
     """A USTAR stream of samples, written to `f` exactly as `add_sample` + `tarfile` (mode "w|") would
     write it, with the DALI index and sha256 computed on the way (`close()`)."""
@@ -298,8 +305,7 @@ class TarWriter:
     def close(self) -> tuple[str, int, str]:
         """End the archive as tarfile does (two zero blocks, zeros to a whole record); returns
         (sha256, size in bytes, DALI index text)."""
-        end = self.offset + 2 * tarfile.BLOCKSIZE
-        self._write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
+        self._write(tar_trailer(self.offset))
         index = f"{IDX_VERSION} {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)
         return self.sha.hexdigest(), self.offset, index
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from maws_data import sidecar, storage
 from maws_data.manifest import read_bytes, write_json
-from maws_data.shards import IDX_VERSION, shard_stem
+from maws_data.shards import IDX_VERSION, shard_stem, tar_trailer
 
 SHARD_FILES = (".tar", ".idx", sidecar.SUFFIX)  # what a shard has besides its stats, in upload order
 
@@ -59,13 +59,6 @@ def sample_spans(entries: list[tuple[str, dict[str, tuple[int, int]]]]) -> list[
 
 def _padded(size: int) -> int:
     return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-
-def _trailer(length: int) -> bytes:
-    """What `tarfile` writes when a stream-mode archive of `length` bytes is closed: two zero blocks,
-    then zeros up to a whole record."""
-    end = length + 2 * tarfile.BLOCKSIZE
-    return b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE)
 
 
 def filter_shard(shards_dir: str | Path, index: int, drop: Mapping[str, dict], *,
@@ -156,7 +149,7 @@ def _copy_samples(src, dest: Path, spans: list[tuple[int, int]]) -> tuple[str, i
             out.write(data)
             h.update(data)
             length += len(data)
-        tail = _trailer(length)
+        tail = tar_trailer(length)
         out.write(tail)
         h.update(tail)
         out.flush()
