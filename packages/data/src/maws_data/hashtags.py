@@ -340,7 +340,9 @@ def _expand(codes, distinct: list[str], item_off, fn: Callable[[str], Sequence[s
             row_off = np.concatenate([[0], np.cumsum(first)])[row_off]
 
     strings = pl.Series(list(vocab), dtype=pl.String).gather(pl.Series(out, dtype=pl.UInt64))
-    arr = pa.LargeListArray.from_arrays(pa.array(row_off, pa.int64()), strings.to_arrow())
+    # offsets through a buffer, not pa.array(ndarray): that call imports pandas (~1 s per worker)
+    offsets = pa.Array.from_buffers(pa.int64(), len(row_off), [None, pa.py_buffer(row_off.astype(np.int64))])
+    arr = pa.LargeListArray.from_arrays(offsets, strings.to_arrow())
     return pl.Series(name, arr, dtype=pl.List(pl.String))
 
 
