@@ -106,7 +106,8 @@ def sample_json(r: ShardRow, width: int, height: int, sha256: str, phash: int) -
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-LOCAL_THREADS = 2
+LOCAL_THREADS = 2  # loads in flight when every image is a local file or inline bytes
+DECODE_THREADS = 1  # Pillow decode/resize/encode threads per worker process (the workers are one per core)
 _REMOTE = ("http://", "https://", "s3://")
 
 
@@ -121,17 +122,19 @@ def _is_remote(ref: tuple) -> bool:
 def _images(task: ShardTask) -> list[tuple[bytes, int, int, str, int] | SkipSample]:
     """Each row's processed image (jpeg, w, h, sha256, phash) or the SkipSample saying why not, in row order.
 
-    Rows are loaded (and, with Pillow, decoded) on `task.threads` threads: downloads wait on the
-    network and Pillow releases the GIL while decoding, so one process keeps a core busy. The
-    result order is the row order whatever the thread timing. A shard whose images are all local
-    files or inline bytes has nothing to wait on: it uses at most LOCAL_THREADS (more threads only
-    contend for the GIL: 16 cost 17% against 1 on local files, docs/sources_images.md).
+    With Pillow, a two-stage pipeline: rows are loaded on `task.threads` threads (downloads wait on
+    the network, so many are kept in flight) and decoded, resized and encoded on DECODE_THREADS (the
+    workers are one per core: more decoding threads only contend for the GIL and the caches; 16
+    cost 12% of the image pass against 1, docs/sources_images.md). The result order is the row
+    order whatever the thread timing. A shard whose images are all local files or inline bytes has
+    nothing to wait on: it loads on at most LOCAL_THREADS.
     """
     cfg = task.image
     refs = [(r.image, r.base_dir) for r in task.rows]
-    threads = task.threads if any(_is_remote(ref) for ref in refs) else min(task.threads, LOCAL_THREADS)
+    remote = any(_is_remote(ref) for ref in refs)
+    threads = task.threads if remote else min(task.threads, LOCAL_THREADS)
     if cfg.decoder != "dali":
-        return load_and_process_many(refs, cfg, threads=threads, hashes=True)
+        return load_and_process_many(refs, cfg, threads=threads, hashes=True, process_threads=DECODE_THREADS)
 
     def load(ref: tuple) -> bytes | SkipSample:
         try:
