@@ -40,6 +40,7 @@ Building the eval index (once per build, before the text pass) is timed separate
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import multiprocessing as mp
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -83,17 +85,61 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def _serve(folder: str, port_queue) -> None:
-    server = _Server(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=folder))
-    port_queue.put(server.server_address[1])
-    server.serve_forever()
+class _StaticFiles(asyncio.Protocol):
+    """A lean static file server (HTTP/1.1 keep-alive, files cached in memory), the stand-in for a
+    production image host (nginx, a CDN): its CPU per request is a fraction of http.server's, which
+    matters here because the server shares the build's two cores. GET only; 404 for anything else."""
+
+    def __init__(self, root: Path, cache: dict[str, bytes | None]):
+        self.root, self.cache, self.buf = root, cache, b""
+
+    def connection_made(self, transport):
+        self.transport = transport  # asyncio sets TCP_NODELAY on TCP transports
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            parts = lines[0].split(b" ")
+            close = parts[-1] == b"HTTP/1.0" or any(
+                line.lower().startswith(b"connection:") and b"close" in line.lower() for line in lines[1:])
+            body = self._file(parts[1]) if len(parts) == 3 and parts[0] == b"GET" else None
+            status = b"200 OK" if body is not None else b"404 Not Found"
+            body = body if body is not None else b"not found"
+            self.transport.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nContent-Type: application/octet-stream\r\n%s\r\n"
+                                 % (status, len(body), b"Connection: close\r\n" if close else b"") + body)
+            if close:
+                self.transport.close()
+                return
+
+    def _file(self, target: bytes) -> bytes | None:
+        path = urllib.parse.unquote(target.split(b"?", 1)[0].decode("utf-8", "replace"))
+        if path not in self.cache:
+            file = (self.root / path.lstrip("/")).resolve()
+            self.cache[path] = file.read_bytes() if file.is_file() and file.is_relative_to(self.root) else None
+        return self.cache[path]
 
 
-def start_server(folder: Path) -> tuple[mp.Process, str]:
-    """Serve `folder` from a separate process so its CPU use does not share a GIL with either tool."""
+def _serve(folder: str, port_queue, kind: str = "lean") -> None:
+    if kind == "stdlib":
+        server = _Server(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=folder))
+        port_queue.put(server.server_address[1])
+        server.serve_forever()
+        return
+    root, cache = Path(folder).resolve(), {}
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(lambda: _StaticFiles(root, cache), "127.0.0.1", 0))
+    port_queue.put(server.sockets[0].getsockname()[1])
+    loop.run_forever()
+
+
+def start_server(folder: Path, kind: str = "lean") -> tuple[mp.Process, str]:
+    """Serve `folder` from a separate process so its CPU use does not share a GIL with either tool.
+    kind: "lean" (_StaticFiles) or "stdlib" (http.server, ~100 us of CPU per request)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_serve, args=(str(folder), q), daemon=True)
+    proc = ctx.Process(target=_serve, args=(str(folder), q, kind), daemon=True)
     proc.start()
     return proc, f"http://127.0.0.1:{q.get(timeout=60)}"
 
@@ -430,6 +476,8 @@ def main() -> None:
     ap.add_argument("--our-threads", type=int, default=4, help="threads per process for --images-stage")
     ap.add_argument("--build-threads", type=int, default=16, help="maws-data build --threads (its default: 16)")
     ap.add_argument("--decoder", default="pil", choices=["auto", "pil", "dali"], help="maws-data decoder")
+    ap.add_argument("--server", default="lean", choices=["lean", "stdlib"],
+                    help="the image host: a lean asyncio server (default) or Python's http.server")
     ap.add_argument("--image-size", type=int, default=256, help="shorter side after resize, both tools")
     ap.add_argument("--repeat", type=int, default=4, help="replicate the URL list this many times")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
@@ -448,7 +496,7 @@ def main() -> None:
         sys.exit(f"no captions.parquet in {args.data} (pass --data)")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="maws-bench-build-"))
-    server, base_url = start_server(args.data)
+    server, base_url = start_server(args.data, args.server)
     results: dict[str, Timing] = {}
     text_pass = None
     try:
