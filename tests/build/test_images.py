@@ -135,6 +135,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/loop.jpg")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path == "/to-file.jpg":  # a redirect out of HTTP must not read the worker's disk
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/hostname")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/no-location.jpg":
+            self._send(302, b"")
         elif path == "/busy.jpg":  # 429 first, then the image
             self._send(429, b"slow down") if n == 1 else self._send(200, self.image)
         elif path == "/img-then-hangup.jpg":  # keep-alive response, then the server drops the connection
@@ -178,6 +185,12 @@ def test_http_download(server, real_jpeg):
     assert _skip_reason(load_image_bytes, f"{server}/loop.jpg", base_dir=".", cfg=cfg) == "download_failed"
     assert _Handler.hits["/loop.jpg"] == 6
     assert load_image_bytes(f"{server}/busy.jpg", base_dir=".", cfg=cfg) == real_jpeg
+    for path, detail in [("to-file.jpg", "non-HTTP location"), ("no-location.jpg", "HTTP 302 without a Location"),
+                         ("loop.jpg", "more than 5 redirects"), ("missing.jpg", "HTTP 404")]:
+        with pytest.raises(SkipSample, match=detail) as e:
+            load_image_bytes(f"{server}/{path}", base_dir=".", cfg=cfg)
+        assert e.value.reason == "download_failed" and f"{server}/{path}" in e.value.detail
+    assert _Handler.hits["/to-file.jpg"] == 1 and _Handler.hits["/no-location.jpg"] == 1  # not retried (retries=1)
     # after all that, the server still works (no connection left in a broken state)
     assert load_image_bytes(f"{server}/img.jpg", base_dir=".", cfg=cfg) == real_jpeg
 
