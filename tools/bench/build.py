@@ -2,9 +2,9 @@
 
 Both tools download the same Instagram photos from one HTTP server on 127.0.0.1 (a separate process,
 HTTP/1.1 keep-alive, TCP_NODELAY; by default a lean asyncio server with the files cached in memory,
-~35 us of CPU per request, standing in for nginx or a CDN: it shares the machine's cores with the
-tools; `--server stdlib` uses Python's http.server, ~100 us per request), resize the shorter side to --image-size (never upscaling),
-re-encode JPEG q90 and write WebDataset tars of 1000 samples, with the same number of worker
+~35 us of CPU per request, standing in for nginx or a CDN, as it shares the machine's cores with
+the tools; `--server stdlib` uses Python's http.server, ~100 us per request), resize the shorter
+side to --image-size (never upscaling), re-encode JPEG q90 and write WebDataset tars of 1000 samples, with the same number of worker
 processes. Each tool's whole command is timed (start-up included) after an untimed warm-up run on
 100 URLs; images/s counts the images each tool actually wrote. Besides wall time, the CPU time of
 each tool (all its processes) and of the server is measured: on a shared machine, CPU ms per image
@@ -302,7 +302,7 @@ def images_chunk(urls: list[str], image_size: int, threads: int) -> int:
     from maws_data.images import ImageConfig, SkipSample, load_and_process_many
 
     cfg = ImageConfig(image_size=image_size, decoder="pil")
-    results = load_and_process_many([(u, ".") for u in urls], cfg, threads=threads, process_threads=1)  # as the builder
+    results = load_and_process_many([(u, ".") for u in urls], cfg, threads=threads, pipelined=True)  # as the builder
     return sum(not isinstance(r, SkipSample) for r in results)
 
 

@@ -244,8 +244,6 @@ def _get(url: str, cfg: ImageConfig) -> bytes:
         if code in _CURL_TOO_LARGE:
             raise SkipSample("too_large", f"{url}: body over cap {cfg.max_download_bytes} bytes ({message})") from None
         raise _RetryableError(f"curl error {code}: {message}") from None
-    finally:
-        c.setopt(pycurl.WRITEFUNCTION, _discard)  # drop the closure (and the chunks) from the handle
     status = c.getinfo(pycurl.RESPONSE_CODE)
     if status >= 500 or status in RETRYABLE_4XX:
         raise _RetryableError(f"HTTP {status}")
@@ -254,10 +252,6 @@ def _get(url: str, cfg: ImageConfig) -> bytes:
     if status != 200:
         raise SkipSample("download_failed", f"{url}: HTTP {status}")
     return b"".join(chunks)
-
-
-def _discard(data: bytes) -> None:
-    return None
 
 
 def load_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16
@@ -276,14 +270,14 @@ def load_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, 
 
 
 def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16,
-                          hashes: bool = False, process_threads: int | None = None) -> list[tuple | SkipSample]:
-    """load_image_bytes + process_image (Pillow) per (ref, base_dir) on thread pools, in input order.
+                          hashes: bool = False, pipelined: bool = False) -> list[tuple | SkipSample]:
+    """load_image_bytes + process_image (Pillow) per (ref, base_dir), in input order.
 
-    `process_threads=None`: one pool of `threads` threads, each doing one row end to end (loading
-    overlaps with decoding, which Pillow runs without the GIL). `process_threads=k`: a two-stage
-    pipeline, loads on `threads` threads and decode/resize/encode on `k`: downloads need many
-    requests in flight to hide latency, but 16 threads decoding at once on one core only contend
-    for the GIL and the caches (docs/sources_images.md). Same results either way.
+    By default one pool of `threads` threads, each doing one row end to end. `pipelined`: loads on
+    `threads` threads, decode/resize/encode on the calling thread as the loads arrive: downloads
+    need many requests in flight to hide latency, but more than one decoding thread per core only
+    contends for the GIL (Pillow-SIMD's JPEG encoder holds it) and the caches
+    (docs/sources_images.md). Same results either way.
     """
     def load(item):
         try:
@@ -299,24 +293,21 @@ def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: I
         except SkipSample as e:
             return e
 
-    if process_threads is None or threads <= 1 or len(refs) <= 1:
+    if not pipelined or threads <= 1 or len(refs) <= 1:
         return _map_threads(lambda item: process(load(item)), refs, threads)
     loads = _pool(threads).map(lambda g: [load(x) for x in g], _groups(refs))  # runs ahead, in order
-    if process_threads <= 1:
-        return [process(d) for group in loads for d in group]
-    work = _pool(process_threads, "maws-decode").map(lambda g: [process(d) for d in g], loads)
-    return [r for group in work for r in group]
+    return [process(d) for group in loads for d in group]
 
 
-_pools: dict[tuple[int, str], ThreadPoolExecutor] = {}
+_pools: dict[int, ThreadPoolExecutor] = {}
 ROWS_PER_SUBMIT = 8  # rows per thread-pool task: a future per row costs more than a missing file's stat
 
 
-def _pool(threads: int, name: str = "maws-images") -> ThreadPoolExecutor:
+def _pool(threads: int) -> ThreadPoolExecutor:
     """A per-process pool of `threads` threads, reused by every shard."""
-    pool = _pools.get((threads, name))
+    pool = _pools.get(threads)
     if pool is None:
-        pool = _pools[(threads, name)] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="maws-images")
     return pool
 
 

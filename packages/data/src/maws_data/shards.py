@@ -107,7 +107,6 @@ def sample_json(r: ShardRow, width: int, height: int, sha256: str, phash: int) -
 
 
 LOCAL_THREADS = 2  # loads in flight when every image is a local file or inline bytes
-DECODE_THREADS = 1  # Pillow decode/resize/encode threads per worker process (the workers are one per core)
 _REMOTE = ("http://", "https://", "s3://")
 
 
@@ -123,10 +122,9 @@ def _images(task: ShardTask) -> list[tuple[bytes, int, int, str, int] | SkipSamp
     """Each row's processed image (jpeg, w, h, sha256, phash) or the SkipSample saying why not, in row order.
 
     With Pillow, a two-stage pipeline: rows are loaded on `task.threads` threads (downloads wait on
-    the network, so many are kept in flight) and decoded, resized and encoded on DECODE_THREADS (the
-    workers are one per core: more decoding threads only contend for the GIL and the caches; 16
-    cost 12% of the image pass against 1, docs/sources_images.md). The result order is the row
-    order whatever the thread timing. A shard whose images are all local files or inline bytes has
+    the network, so many are kept in flight) and decoded, resized and encoded on this thread (the
+    workers are one per core: 2 or 16 decoding threads cost 12% of the image pass against 1,
+    docs/sources_images.md). The result order is the row order whatever the thread timing. A shard whose images are all local files or inline bytes has
     nothing to wait on: it loads on at most LOCAL_THREADS.
     """
     cfg = task.image
@@ -134,7 +132,7 @@ def _images(task: ShardTask) -> list[tuple[bytes, int, int, str, int] | SkipSamp
     remote = any(_is_remote(ref) for ref in refs)
     threads = task.threads if remote else min(task.threads, LOCAL_THREADS)
     if cfg.decoder != "dali":
-        return load_and_process_many(refs, cfg, threads=threads, hashes=True, process_threads=DECODE_THREADS)
+        return load_and_process_many(refs, cfg, threads=threads, hashes=True, pipelined=True)
 
     def load(ref: tuple) -> bytes | SkipSample:
         try:
