@@ -268,8 +268,10 @@ class TarWriter:
     _MODE_IDS = b"%07o\0" % TAR_MODE + b"0000000\0" * 2  # mode, uid, gid
     _AFTER_SIZE = (b"%011o\0" % TAR_MTIME + b" " * 8 + tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC
                    + TAR_USER.encode().ljust(32, b"\0") * 2 + b"\0" * 16 + b"\0" * 155)  # dev numbers: NUL for files
-    _BEFORE_CHECKSUM = b"%011o\0" % TAR_MTIME  # the checksum field (7 bytes) follows, then the rest
-    _AFTER_CHECKSUM = (_AFTER_SIZE[19:]).ljust(tarfile.BLOCKSIZE - 155, b"\0")
+    # Around the checksum ("%06o\0", 7 bytes, at 148): the mtime field before it; after it, the rest of
+    # _AFTER_SIZE (from the checksum field's 8th byte, a space) padded to the block.
+    _BEFORE_CHECKSUM = b"%011o\0" % TAR_MTIME
+    _AFTER_CHECKSUM = _AFTER_SIZE[len(_BEFORE_CHECKSUM) + 7:].ljust(tarfile.BLOCKSIZE - 155, b"\0")
     _FIXED_SUM = sum(_MODE_IDS) + sum(_AFTER_SIZE)
 
     def __init__(self, f):
