@@ -1,6 +1,7 @@
 """maws_data.images on real Instagram photos, hand-made bad files, and a local HTTP server."""
 
 import io
+import os
 import pickle
 import struct
 import threading
@@ -69,6 +70,22 @@ def test_local_paths(real_paths, tmp_path):
     small_cap = ImageConfig(max_download_bytes=1000)
     assert _skip_reason(load_image_bytes, str(real_paths[0]), base_dir=".", cfg=small_cap) == "too_large"
 
+
+
+def test_local_non_files_are_skipped_without_blocking(real_paths, tmp_path):
+    """A folder or a FIFO where an image file should be: skipped as missing_path, and opening the FIFO
+    (no writer) must not block the worker."""
+    cfg = ImageConfig()
+    (tmp_path / "a_dir.jpg").mkdir()
+    os.mkfifo(tmp_path / "pipe.jpg")
+    for name in ("a_dir.jpg", "pipe.jpg"):
+        with pytest.raises(SkipSample) as e:
+            load_image_bytes(name, base_dir=str(tmp_path), cfg=cfg)
+        assert (e.value.reason, e.value.detail) == ("missing_path", f"{tmp_path / name}: not a file")
+    # a file of megabytes comes back whole
+    big = tmp_path / "big.bin"
+    big.write_bytes(real_paths[0].read_bytes() * 40)
+    assert load_image_bytes(str(big), base_dir=".", cfg=cfg) == big.read_bytes()
 
 def test_malformed_references_are_skipped_not_raised():
     """References the OS or http.client reject outright: a row to skip, never an exception out of a worker."""

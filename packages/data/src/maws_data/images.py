@@ -31,13 +31,14 @@ smaller images keep their size), longer side round(long * image_size / short), J
 from __future__ import annotations
 
 import io
+import os
+import stat
 import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import certifi
@@ -126,20 +127,35 @@ def _describe(ref: str | bytes) -> str:
 
 def _read_local(ref: str, base_dir: str, cfg: ImageConfig) -> bytes:
     # file:// URIs are percent-encoded ("my%20photo.jpg"); plain paths are taken as they are.
-    path = Path(urllib.parse.unquote(ref.removeprefix("file://")) if ref.startswith("file://") else ref)
-    if not path.is_absolute():
-        path = Path(base_dir) / path
+    path = urllib.parse.unquote(ref.removeprefix("file://")) if ref.startswith("file://") else ref
+    path = os.path.join(base_dir, path)  # an absolute path is kept as it is
+    # One open, one fstat, one read (pathlib's stat + is_file + read_bytes cost 2.5x, ~30 us of the
+    # ~700 us an image costs). O_NONBLOCK: opening a FIFO must not wait for a writer.
     try:
-        size = path.stat().st_size
-        if not path.is_file():
-            raise SkipSample("missing_path", f"{path}: not a file")
-        if size > cfg.max_download_bytes:
-            raise SkipSample("too_large", f"{path}: {size} bytes > cap {cfg.max_download_bytes}")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SkipSample("missing_path", f"{path}: no such file") from None
     except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (an embedded NUL byte)
         raise SkipSample("missing_path", f"{path!r}: cannot read ({e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SkipSample("missing_path", f"{path}: not a file")
+        if st.st_size > cfg.max_download_bytes:
+            raise SkipSample("too_large", f"{path}: {st.st_size} bytes > cap {cfg.max_download_bytes}")
+        return _read_fd(fd, st.st_size)
+    except OSError as e:
+        raise SkipSample("missing_path", f"{path!r}: cannot read ({e})") from None
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    """The file's bytes to its end: one read when it still has the `size` bytes fstat gave."""
+    data = os.read(fd, size + 1)  # the extra byte tells a file that grew since the fstat
+    while len(data) != size and (more := os.read(fd, 1 << 20)):  # grew, or a short read
+        data += more
+    return data
 
 
 def _read_remote(url: str, cfg: ImageConfig) -> bytes:
