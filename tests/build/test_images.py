@@ -106,6 +106,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     image = b""
     hits: ClassVar[dict[str, int]] = {}
+    lock = threading.Lock()
+    active = most_active = 0  # requests being held by /wait.jpg now, and at most so far
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -126,6 +128,18 @@ class _Handler(BaseHTTPRequestHandler):
         n = self.hits[path] = self.hits.get(path, 0) + 1
         if path == "/img.jpg":
             self._send(200, self.image)
+        elif path == "/wait.jpg":  # holds the request a while, counting how many are held at once
+            with _Handler.lock:
+                _Handler.active += 1
+                _Handler.most_active = max(_Handler.most_active, _Handler.active)
+            time.sleep(0.2)
+            with _Handler.lock:
+                _Handler.active -= 1
+            self._send(200, self.image)
+        elif path == "/flaky-each.jpg":  # a 500 on the first request of each query string
+            first = self.hits.setdefault(self.path, 0) == 0
+            self.hits[self.path] += 1
+            self._send(500, b"oops") if first else self._send(200, self.image)
         elif path == "/slow.jpg":
             time.sleep(1.5)
             self._send(200, self.image)
@@ -242,6 +256,43 @@ def test_many_on_threads_keeps_order(server, real_paths):
     assert [r.reason if isinstance(r, SkipSample) else r for r in staged] == [
         r.reason if isinstance(r, SkipSample) else r for r in whole]
 
+
+
+def test_many_downloads_in_flight_on_one_thread(server, real_paths, real_jpeg):
+    """load_many keeps up to `threads` GETs in flight on this thread's libcurl multi handle (no
+    download threads), retries each failed one on its own, mixes in local files and inline bytes,
+    and gives every row the result a single load_image_bytes gives it."""
+    cfg = ImageConfig(timeout_s=1.0, retries=1, max_download_bytes=200_000)
+    folder = str(real_paths[0].parent)
+    refs = ([(f"{server}/wait.jpg?i={i}", ".") for i in range(12)]
+            + [(f"{server}/flaky-each.jpg?i={i}", ".") for i in range(3)]
+            + [(p.name, folder) for p in real_paths[:3]]
+            + [(f"{server}/missing.jpg", "."), (f"{server}/loop.jpg", "."), (f"{server}/big.jpg", "."),
+               (f"{server}/to-file.jpg", "."), ("img.jpg", server), (real_jpeg, "."), (None, "."), ("nope.jpg", folder)])
+    _Handler.most_active = 0
+    ours_before = {t.ident for t in threading.enumerate() if t.name.startswith("maws-images")}
+    loaded = load_many(refs, cfg, threads=6)
+    assert {t.ident for t in threading.enumerate() if t.name.startswith("maws-images")} == ours_before  # no pool
+    assert 2 <= _Handler.most_active <= 6  # overlapped, and never more than `threads` at once
+    assert loaded[:15] == [real_jpeg] * 15  # each flaky URL: one 500, then the image
+    assert all(_Handler.hits[f"/flaky-each.jpg?i={i}"] == 2 for i in range(3))
+    assert loaded[15:18] == [p.read_bytes() for p in real_paths[:3]]
+    assert [x.reason if isinstance(x, SkipSample) else x for x in loaded[18:]] == [
+        "download_failed", "download_failed", "too_large", "download_failed", real_jpeg, real_jpeg,
+        "null_image", "missing_path"]
+    single = []
+    for ref, base in refs[18:]:
+        try:
+            single.append(load_image_bytes(ref, base_dir=base, cfg=cfg))
+        except SkipSample as e:
+            single.append((e.reason, e.detail))
+    assert [(x.reason, x.detail) if isinstance(x, SkipSample) else x for x in loaded[18:]] == single
+    # a consumer that stops early leaves nothing behind for the next batch on this thread
+    from maws_data.images import _loaded
+    stream = _loaded(refs[:12], cfg, 6)
+    next(stream)
+    stream.close()
+    assert load_many([(f"{server}/img.jpg", "."), (f"{server}/404.jpg", ".")], cfg, threads=6)[0] == real_jpeg
 
 def test_connection_refused():
     import socket

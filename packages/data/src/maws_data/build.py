@@ -103,7 +103,7 @@ class BuildConfig:
     max_download_bytes: int = 20 << 20  # also the cap on a local file's size
     max_pixels: int = 89_478_485  # larger images are skipped (decompression bombs); Pillow's own limit
     processes: int = 0  # worker processes for the local runner; 0 = all cores
-    threads: int = 16  # image load/decode threads per worker (overlap downloads with decoding)
+    threads: int = 16  # image loads in flight per worker (downloads overlap decoding; s3:// images: threads)
     runner: Literal["local", "ray"] = "local"
     ray_address: str | None = None  # Ray cluster address; None = connect to a running one or start locally
     overwrite: bool = False  # replace an existing build made with another config or input

@@ -57,8 +57,9 @@ def build(
                                                             "(ties by wnid). Default: no limit.")] = None,
     processes: Annotated[int, typer.Option(help="Worker processes (local runner; CPUs for a local Ray). "
                                                 "0 = all cores.")] = 0,
-    threads: Annotated[int, typer.Option(help="Image download/decode threads per worker process (overlaps "
-                                              "network waits with decoding).")] = 16,
+    threads: Annotated[int, typer.Option(help="Image loads in flight per worker process: HTTP downloads on "
+                                              "one libcurl multi handle, or threads for s3:// images "
+                                              "(overlaps network waits with decoding).")] = 16,
     runner: Annotated[Runner, typer.Option(help="Run shard tasks in local processes or on Ray.")] = Runner.local,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address for --runner ray (default: a "
                                                             "running cluster, else a local one).")] = None,

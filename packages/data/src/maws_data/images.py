@@ -5,11 +5,14 @@ Two steps, each usable alone:
   process_image(data, cfg)                       encoded bytes -> (jpeg, width, height), Pillow-SIMD
   process_image(data, cfg, hashes=True)          -> (jpeg, width, height, sha256 hex, phash): the dedup
                                                  hashes (maws_data.dedup.hashes) of the source bytes and
-                                                 of the resized image, before it is encoded
+                                                 of the resized image
   process_images_dali(datas, cfg, device=...)    the same for a batch, decoded and resized by DALI
-and for many rows at once, on a thread pool (results in input order, SkipSample in place of a result):
+and for many rows at once (results in input order, SkipSample in place of a result), with up to
+`threads` downloads in flight on the calling thread (`Downloads`, a libcurl multi handle):
   load_many(refs, cfg, threads=...)              [(ref, base_dir)] -> [bytes | SkipSample]
-  load_and_process_many(refs, cfg, threads=...)  [(ref, base_dir)] -> [(jpeg, w, h) | SkipSample]
+  load_and_process_many(refs, cfg, threads=..., pipelined=True)
+                                                 [(ref, base_dir)] -> [(jpeg, w, h) | SkipSample],
+                                                 decoding on the calling thread as the bytes arrive
 (the batch functions take `hashes=True` too).
 
 Every failure is a `SkipSample` with a short stable `.reason` (counted in the build manifest) and a
@@ -26,18 +29,23 @@ human `.detail`. Reasons:
 Output (both decoders): RGB, EXIF orientation applied, shorter side == image_size (never upscaled;
 smaller images keep their size), longer side round(long * image_size / short), JPEG at
 `jpeg_quality`, 4:2:0, no metadata. The same bytes in give the same bytes out.
+
+Memory: one image's pixels at a time; a batch holds its rows' encoded bytes until each is
+processed (O(one shard)), and at most `threads` transfers.
 """
 
 from __future__ import annotations
 
+import heapq
 import io
 import os
 import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,17 +111,40 @@ class ImageConfig:
 
 def load_image_bytes(ref: str | bytes | None, *, base_dir: str, cfg: ImageConfig) -> bytes:
     """The encoded image a reference stands for; raises SkipSample."""
+    kind, where = _route(ref, base_dir)
+    if kind == "http":
+        data = download(where, cfg)
+    elif kind == "s3":
+        data = _read_s3(where, cfg)
+    else:
+        data = _read_here(ref, base_dir, cfg)
+    return _checked(data, ref, cfg)
+
+
+def _route(ref: str | bytes | None, base_dir: str) -> tuple[str, str]:
+    """How a reference is loaded: ("http", url), ("s3", url) or ("here", "") for inline bytes, a
+    local path and a null reference (read, or refused, on the calling thread)."""
+    if not isinstance(ref, str) or not ref.strip():
+        return "here", ""
+    if ref.startswith(("http://", "https://")):
+        return "http", ref
+    if ref.startswith("s3://"):
+        return "s3", ref
+    if base_dir.startswith(("s3://", "http://", "https://")) and not ref.startswith(("/", "file://")):
+        url = base_dir.rstrip("/") + "/" + ref  # an image next to a remote source file
+        return ("s3" if url.startswith("s3://") else "http"), url
+    return "here", ""
+
+
+def _read_here(ref: str | bytes | None, base_dir: str, cfg: ImageConfig) -> bytes:
     if ref is None or (isinstance(ref, str) and not ref.strip()):
         raise SkipSample("null_image", "the image reference is null or empty")
     if isinstance(ref, (bytes, bytearray, memoryview)):
-        data = bytes(ref)
-    elif ref.startswith(("http://", "https://")):
-        data = download(ref, cfg)
-    elif ref.startswith("s3://") or (base_dir.startswith(("s3://", "http://", "https://"))
-                                     and not ref.startswith(("/", "file://"))):
-        data = _read_remote(ref if ref.startswith("s3://") else base_dir.rstrip("/") + "/" + ref, cfg)
-    else:
-        data = _read_local(ref, base_dir, cfg)
+        return bytes(ref)
+    return _read_local(ref, base_dir, cfg)
+
+
+def _checked(data: bytes, ref: str | bytes, cfg: ImageConfig) -> bytes:
     if not data:
         raise SkipSample("empty", f"{_describe(ref)}: zero bytes")
     if len(data) > cfg.max_download_bytes:
@@ -158,10 +189,8 @@ def _read_fd(fd: int, size: int) -> bytes:
     return data
 
 
-def _read_remote(url: str, cfg: ImageConfig) -> bytes:
-    """An image next to a remote source file (a relative path under s3:// or http(s)://) or an s3:// URL."""
-    if url.startswith(("http://", "https://")):
-        return download(url, cfg)
+def _read_s3(url: str, cfg: ImageConfig) -> bytes:
+    """An s3:// object (an image URL, or a path next to a source file on object storage), via fsspec."""
     from maws_data import storage
 
     fs, path = storage.filesystem(url)
@@ -190,117 +219,274 @@ _CURL_FINAL = {pycurl.E_URL_MALFORMAT: "invalid URL", pycurl.E_UNSUPPORTED_PROTO
                pycurl.E_TOO_MANY_REDIRECTS: f"more than {MAX_REDIRECTS} redirects"}
 _CURL_TOO_LARGE = (pycurl.E_FILESIZE_EXCEEDED, pycurl.E_WRITE_ERROR)  # Content-Length over the cap / body over it
 
-# One libcurl handle per thread: it keeps its connections alive between requests (and reconnects
-# by itself when a server has closed an idle one), so repeated downloads from one host pay no
-# handshake. libcurl does the HTTP work in C without the GIL: ~40 us of CPU per image against
-# ~90 us for http.client (docs/sources_images.md).
-_handles = threading.local()
+# Downloads run on libcurl's multi interface, driven by the thread that uses the bytes: `poll()`
+# does the network I/O of every transfer in flight, in C, and returns the finished ones. The image
+# pass polls between two images (~1 ms apart) while the responses wait in the kernel's socket
+# buffers, so a worker keeps `threads` downloads in flight with no download threads: with a thread
+# pool, every finished download had to win the GIL back from the decoding thread
+# (docs/sources_images.md). The multi handle keeps its connections alive between requests and
+# shards (a server's closed idle connection is reopened by libcurl without counting as a failed
+# attempt), so repeated downloads from one host pay no handshake. One per thread, never shared.
+_local = threading.local()
 
 
-def _handle(cfg: ImageConfig) -> pycurl.Curl:
-    c = getattr(_handles, "curl", None)
-    if c is None:
-        c = _handles.curl = pycurl.Curl()
-        c.setopt(pycurl.NOSIGNAL, 1)  # no SIGALRM for DNS timeouts: we run on many threads
-        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-        c.setopt(pycurl.FOLLOWLOCATION, 1)
-        c.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
-        c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-        c.setopt(pycurl.USERAGENT, "maws-data")
-        c.setopt(pycurl.HTTPHEADER, ["Accept-Encoding: identity"])
-        c.setopt(pycurl.BUFFERSIZE, 256 * 1024)  # one write callback for most images
-        c.setopt(pycurl.CAINFO, certifi.where())
-        _handles.settings = None
-    settings = (cfg.timeout_s, cfg.max_download_bytes)
-    if _handles.settings != settings:
-        timeout_ms = max(1, int(cfg.timeout_s * 1000))
-        c.setopt(pycurl.TIMEOUT_MS, timeout_ms)  # the whole attempt: connect, redirects, body
-        c.setopt(pycurl.CONNECTTIMEOUT_MS, timeout_ms)
-        c.setopt(pycurl.MAXFILESIZE_LARGE, cfg.max_download_bytes)
-        _handles.settings = settings
+class _Job:
+    """One URL's GET: its attempts so far and the body of the current one."""
+
+    __slots__ = ("attempt", "cfg", "chunks", "last", "size", "tag", "url")
+
+    def __init__(self, tag, url: str, cfg: ImageConfig):
+        self.tag, self.url, self.cfg = tag, url, cfg
+        self.attempt, self.last = 0, ""
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes):
+        self.size += len(data)
+        if self.size > self.cfg.max_download_bytes:
+            return 0  # abort the transfer: E_WRITE_ERROR
+        self.chunks.append(data)
+        return None
+
+
+class Downloads:
+    """GETs in flight on one libcurl multi handle: `add(tag, url, cfg)`, then `poll()` until empty.
+
+    Each GET follows up to MAX_REDIRECTS redirects (http/https only) under one deadline per attempt
+    (`cfg.timeout_s`: connect, redirects and body), is retried `cfg.retries` times with backoff on
+    5xx, 408, 429, timeouts and connection errors (other 4xx and bad URLs fail at once), and stops
+    at the body cap. At most `in_flight` run at once; the rest wait in order.
+    Memory: O(in_flight) transfers, plus the finished bodies until poll() hands them over.
+    """
+
+    def __init__(self, in_flight: int = 16):
+        self.in_flight = in_flight
+        self.multi = pycurl.CurlMulti()
+        self.idle: list[pycurl.Curl] = []
+        self.running: dict[pycurl.Curl, _Job] = {}
+        self.waiting: deque[_Job] = deque()
+        self.backoff: list[tuple[float, int, _Job]] = []  # heap of (due, seq, job) between attempts
+        self.seq = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.running or self.waiting or self.backoff)
+
+    def add(self, tag, url: str, cfg: ImageConfig) -> None:
+        self.waiting.append(_Job(tag, url, cfg))
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[object, bytes | SkipSample]]:
+        """Advance every transfer, waiting up to `timeout` s for one to make progress; returns the
+        finished GETs as (tag, body), or (tag, SkipSample) once a GET has failed for good."""
+        self._start()
+        if timeout > 0:
+            wait = self._wait_s(timeout)
+            if self.running:
+                self.multi.select(wait)  # returns as soon as a socket is ready
+            elif wait > 0:
+                time.sleep(wait)  # only retries waiting out their backoff
+        self._perform()
+        done: list[tuple[object, bytes | SkipSample]] = []
+        while True:
+            queued, ok, failed = self.multi.info_read()
+            for c in ok:
+                self._finish(c, None, done)
+            for c, code, message in failed:
+                self._finish(c, (code, message), done)
+            if not queued:
+                break
+        if done and self._start():
+            self._perform()  # send the new requests now, not at the next poll
+        return done
+
+    def cancel(self) -> None:
+        """Drop every transfer (a consumer that stopped early); the connections stay cached."""
+        for c in self.running:
+            self.multi.remove_handle(c)
+            self.idle.append(c)
+        self.running.clear()
+        self.waiting.clear()
+        self.backoff.clear()
+
+    def _perform(self) -> None:
+        while self.multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+
+    def _wait_s(self, timeout: float) -> float:
+        ms = self.multi.timeout()  # when libcurl next needs a call (its own timers), -1: none
+        wait = timeout if ms < 0 else min(timeout, ms / 1000)
+        if self.backoff:
+            wait = min(wait, max(0.0, self.backoff[0][0] - time.monotonic()))
+        return wait
+
+    def _start(self) -> bool:
+        started = False
+        now = time.monotonic()
+        while len(self.running) < self.in_flight and (self.backoff and self.backoff[0][0] <= now or self.waiting):
+            job = heapq.heappop(self.backoff)[2] if self.backoff and self.backoff[0][0] <= now else self.waiting.popleft()
+            c = self.idle.pop() if self.idle else _new_handle()
+            timeout_ms = max(1, int(job.cfg.timeout_s * 1000))
+            c.setopt(pycurl.URL, job.url)
+            c.setopt(pycurl.WRITEFUNCTION, job.write)
+            c.setopt(pycurl.TIMEOUT_MS, timeout_ms)  # the whole attempt: connect, redirects, body
+            c.setopt(pycurl.CONNECTTIMEOUT_MS, timeout_ms)
+            c.setopt(pycurl.MAXFILESIZE_LARGE, job.cfg.max_download_bytes)
+            job.chunks, job.size = [], 0
+            self.running[c] = job
+            self.multi.add_handle(c)
+            started = True
+        return started
+
+    def _finish(self, c: pycurl.Curl, error: tuple[int, str] | None, done: list) -> None:
+        job = self.running.pop(c)
+        self.multi.remove_handle(c)
+        try:
+            done.append((job.tag, _body(c, job, error)))
+        except SkipSample as e:
+            done.append((job.tag, e))
+        except _RetryableError as e:
+            job.attempt += 1
+            job.last = str(e)
+            if job.attempt > job.cfg.retries:
+                done.append((job.tag, SkipSample("download_failed",
+                                                 f"{job.url}: {job.last} (after {job.attempt} attempts)")))
+            else:
+                due = time.monotonic() + min(0.05 * 2 ** (job.attempt - 1), 1.0)
+                heapq.heappush(self.backoff, (due, self.seq, job))
+                self.seq += 1
+        finally:
+            job.chunks = []
+            self.idle.append(c)
+
+
+def _new_handle() -> pycurl.Curl:
+    c = pycurl.Curl()
+    c.setopt(pycurl.NOSIGNAL, 1)  # no SIGALRM for DNS timeouts: threads may each run a multi handle
+    c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+    c.setopt(pycurl.FOLLOWLOCATION, 1)
+    c.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
+    c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+    c.setopt(pycurl.USERAGENT, "maws-data")
+    c.setopt(pycurl.HTTPHEADER, ["Accept-Encoding: identity"])
+    c.setopt(pycurl.BUFFERSIZE, 256 * 1024)  # one write callback for most images
+    c.setopt(pycurl.CAINFO, certifi.where())
     return c
 
 
-def download(url: str, cfg: ImageConfig) -> bytes:
-    """GET `url`: up to MAX_REDIRECTS redirects (http/https only), a per-attempt deadline,
-    `cfg.retries` retries (5xx, 408, 429, timeouts, connection errors; other 4xx fail at once) and a
-    body cap; raises SkipSample."""
-    last = ""
-    for attempt in range(cfg.retries + 1):
-        if attempt:
-            time.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
-        try:
-            return _get(url, cfg)
-        except _RetryableError as e:
-            last = str(e)
-    raise SkipSample("download_failed", f"{url}: {last} (after {cfg.retries + 1} attempts)")
-
-
-def _get(url: str, cfg: ImageConfig) -> bytes:
-    c = _handle(cfg)
-    chunks: list[bytes] = []
-    size = 0
-
-    def write(data: bytes):
-        nonlocal size
-        size += len(data)
-        if size > cfg.max_download_bytes:
-            return 0  # abort the transfer: E_WRITE_ERROR
-        chunks.append(data)
-        return None
-
-    c.setopt(pycurl.URL, url)
-    c.setopt(pycurl.WRITEFUNCTION, write)
-    try:
-        c.perform()
-    except pycurl.error as e:
-        code, message = e.args
+def _body(c: pycurl.Curl, job: _Job, error: tuple[int, str] | None) -> bytes:
+    """The finished attempt's body; raises SkipSample (no use retrying) or _RetryableError."""
+    if error is not None:
+        code, message = error
         if code in _CURL_FINAL:
-            raise SkipSample("download_failed", f"{url}: {_CURL_FINAL[code]} ({message})") from None
+            raise SkipSample("download_failed", f"{job.url}: {_CURL_FINAL[code]} ({message})")
         if code in _CURL_TOO_LARGE:
-            raise SkipSample("too_large", f"{url}: body over cap {cfg.max_download_bytes} bytes ({message})") from None
-        raise _RetryableError(f"curl error {code}: {message}") from None
+            raise SkipSample("too_large", f"{job.url}: body over cap {job.cfg.max_download_bytes} bytes ({message})")
+        raise _RetryableError(f"curl error {code}: {message}")
     status = c.getinfo(pycurl.RESPONSE_CODE)
     if status >= 500 or status in RETRYABLE_4XX:
         raise _RetryableError(f"HTTP {status}")
     if status in REDIRECT_STATUSES:  # followed unless it had no Location
-        raise SkipSample("download_failed", f"{url}: HTTP {status} without a Location")
+        raise SkipSample("download_failed", f"{job.url}: HTTP {status} without a Location")
     if status != 200:
-        raise SkipSample("download_failed", f"{url}: HTTP {status}")
-    return b"".join(chunks)
+        raise SkipSample("download_failed", f"{job.url}: HTTP {status}")
+    return b"".join(job.chunks)
+
+
+def _downloads(name: str) -> Downloads:
+    """This thread's Downloads for `name` ("single" for download(), "batch" for _loaded)."""
+    d = getattr(_local, name, None)
+    if d is None:
+        d = Downloads()
+        setattr(_local, name, d)
+    return d
+
+
+def download(url: str, cfg: ImageConfig) -> bytes:
+    """GET `url` (see Downloads); raises SkipSample."""
+    d = _downloads("single")
+    d.add(None, url, cfg)
+    try:
+        while True:
+            for _, body in d.poll(timeout=1.0):
+                if isinstance(body, SkipSample):
+                    raise body
+                return body
+    finally:
+        d.cancel()
+
+
+def _loaded(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, in_flight: int
+            ) -> Iterator[tuple[int, bytes | SkipSample]]:
+    """(position, bytes or SkipSample) for every (ref, base_dir), in the order they become ready:
+    http(s) on this thread's multi handle, up to `in_flight` at once; s3:// objects on a pool of
+    `in_flight` threads (fsspec blocks); local files and inline bytes read here, whenever no
+    download is ready. The caller works between two items, and the downloads go on meanwhile."""
+    http = _downloads("batch")
+    http.in_flight = max(1, in_flight)
+    here: deque[int] = deque()
+    s3: list[int] = []
+    for i, (ref, base_dir) in enumerate(refs):
+        kind, where = _route(ref, base_dir)
+        if kind == "http":
+            http.add(i, where, cfg)
+        else:
+            (s3 if kind == "s3" else here).append(i)
+
+    def load(i: int) -> bytes | SkipSample:
+        try:
+            return load_image_bytes(refs[i][0], base_dir=refs[i][1], cfg=cfg)
+        except SkipSample as e:
+            return e
+
+    objects = deque((g, _pool(in_flight).submit(lambda g: [load(i) for i in g], g)) for g in _groups(s3))
+    ready: deque[tuple[int, bytes | SkipSample]] = deque()
+    try:
+        while ready or http or here or objects:
+            ready.extend((i, _checked_or_skip(body, refs[i][0], cfg)) for i, body in http.poll())
+            while objects and objects[0][1].done():
+                group, future = objects.popleft()
+                ready.extend(zip(group, future.result()))
+            if ready:
+                yield ready.popleft()
+            elif here:
+                i = here.popleft()
+                yield i, load(i)
+            elif http:
+                ready.extend((i, _checked_or_skip(body, refs[i][0], cfg)) for i, body in http.poll(timeout=0.05))
+            elif objects:
+                wait([objects[0][1]], timeout=0.05)
+    finally:
+        http.cancel()
+
+
+def _checked_or_skip(body: bytes | SkipSample, ref, cfg: ImageConfig) -> bytes | SkipSample:
+    if isinstance(body, SkipSample):
+        return body
+    try:
+        return _checked(body, ref, cfg)
+    except SkipSample as e:
+        return e
 
 
 def load_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16
               ) -> list[bytes | SkipSample]:
-    """load_image_bytes for many (ref, base_dir) pairs on a thread pool, results in input order.
-
-    Downloads are latency-bound: threads keep many requests in flight per process.
-    """
-    def one(item):
-        try:
-            return load_image_bytes(item[0], base_dir=item[1], cfg=cfg)
-        except SkipSample as e:
-            return e
-
-    return _map_threads(one, refs, threads)
+    """load_image_bytes for many (ref, base_dir) pairs, results in input order: `threads` downloads
+    (or s3 reads) in flight at once (see _loaded)."""
+    results: list = [None] * len(refs)
+    for i, data in _loaded(refs, cfg, threads):
+        results[i] = data
+    return results
 
 
 def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, *, threads: int = 16,
                           hashes: bool = False, pipelined: bool = False) -> list[tuple | SkipSample]:
     """load_image_bytes + process_image (Pillow) per (ref, base_dir), in input order.
 
-    By default one pool of `threads` threads, each doing one row end to end. `pipelined`: loads on
-    `threads` threads, decode/resize/encode on the calling thread as the loads arrive: downloads
-    need many requests in flight to hide latency, but more than one decoding thread per core only
-    contends for the GIL (Pillow-SIMD's JPEG encoder holds it) and the caches
-    (docs/sources_images.md). Same results either way.
+    By default one pool of `threads` threads, each doing one row end to end. `pipelined`: `threads`
+    loads in flight (see _loaded), decode/resize/encode on the calling thread as the loads arrive,
+    with no other thread: more than one decoding thread per core only contends for the GIL
+    (Pillow-SIMD's JPEG encoder holds it) and the caches (docs/sources_images.md). Same results
+    either way.
     """
-    def load(item):
-        try:
-            return load_image_bytes(item[0], base_dir=item[1], cfg=cfg)
-        except SkipSample as e:
-            return e
-
     def process(data):
         if isinstance(data, SkipSample):
             return data
@@ -309,10 +495,19 @@ def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: I
         except SkipSample as e:
             return e
 
-    if not pipelined or threads <= 1 or len(refs) <= 1:
-        return _map_threads(lambda item: process(load(item)), refs, threads)
-    loads = _pool(threads).map(lambda g: [load(x) for x in g], _groups(refs))  # runs ahead, in order
-    return [process(d) for group in loads for d in group]
+    if pipelined:
+        results: list = [None] * len(refs)
+        for i, data in _loaded(refs, cfg, threads):
+            results[i] = process(data)
+        return results
+
+    def load(item):
+        try:
+            return load_image_bytes(item[0], base_dir=item[1], cfg=cfg)
+        except SkipSample as e:
+            return e
+
+    return _map_threads(lambda item: process(load(item)), refs, threads)
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}

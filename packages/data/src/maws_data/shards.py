@@ -39,7 +39,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from maws_data.dedup.decontam import REASON as EVAL_CONTAMINATED
 from maws_data.dedup.decontam import EvalIndex
 from maws_data.dedup.hashes import to_hex
 from maws_data.dedup.table import UNITS, unit_bytes
-from maws_data.images import ImageConfig, SkipSample, load_and_process_many, load_image_bytes, process_images_dali
+from maws_data.images import ImageConfig, SkipSample, load_and_process_many, load_many, process_images_dali
 from maws_data.manifest import read_bytes, sha256_file, write_bytes, write_json
 
 # Fixed tar metadata: with these, the tar bytes depend only on the samples (reproducible builds).
@@ -106,45 +105,19 @@ def sample_json(r: ShardRow, width: int, height: int, sha256: str, phash: int) -
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-LOCAL_THREADS = 2  # loads in flight when every image is a local file or inline bytes
-_REMOTE = ("http://", "https://", "s3://")
-
-
-def _is_remote(ref: tuple) -> bool:
-    """Whether loading this (image, base_dir) waits on the network (a URL, or a path under a remote source)."""
-    image, base_dir = ref
-    if not isinstance(image, str):
-        return False
-    return image.startswith(_REMOTE) or (base_dir.startswith(_REMOTE) and not image.startswith(("/", "file://")))
-
-
 def _images(task: ShardTask) -> list[tuple[bytes, int, int, str, int] | SkipSample]:
     """Each row's processed image (jpeg, w, h, sha256, phash) or the SkipSample saying why not, in row order.
 
-    With Pillow, a two-stage pipeline: rows are loaded on `task.threads` threads (downloads wait on
-    the network, so many are kept in flight) and decoded, resized and encoded on this thread (the
-    workers are one per core: 2 or 16 decoding threads cost 12% of the image pass against 1,
-    docs/sources_images.md). The result order is the row order whatever the thread timing. A shard whose images are all local files or inline bytes has
-    nothing to wait on: it loads on at most LOCAL_THREADS.
+    With Pillow, one thread: up to `task.threads` downloads in flight on a libcurl multi handle
+    while this thread decodes, resizes and encodes what has arrived, and reads local files itself
+    (the workers are one per core: 2 or 16 decoding threads cost 12% of the image pass against 1,
+    docs/sources_images.md). The result order is the row order whatever the timing.
     """
     cfg = task.image
     refs = [(r.image, r.base_dir) for r in task.rows]
-    remote = any(_is_remote(ref) for ref in refs)
-    threads = task.threads if remote else min(task.threads, LOCAL_THREADS)
     if cfg.decoder != "dali":
-        return load_and_process_many(refs, cfg, threads=threads, hashes=True, pipelined=True)
-
-    def load(ref: tuple) -> bytes | SkipSample:
-        try:
-            return load_image_bytes(ref[0], base_dir=ref[1], cfg=cfg)
-        except SkipSample as e:
-            return e
-
-    if threads > 1 and len(refs) > 1:
-        with ThreadPoolExecutor(min(threads, len(refs))) as pool:
-            loaded = list(pool.map(load, refs))
-    else:
-        loaded = [load(r) for r in refs]
+        return load_and_process_many(refs, cfg, threads=task.threads, hashes=True, pipelined=True)
+    loaded = load_many(refs, cfg, threads=task.threads)
     ok = [i for i, d in enumerate(loaded) if isinstance(d, bytes)]
     results: list = list(loaded)
     for i, res in zip(ok, process_images_dali([loaded[i] for i in ok], cfg, device=task.dali_device, hashes=True)):
