@@ -441,7 +441,10 @@ def _loaded(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, in
     ready: deque[tuple[int, bytes | SkipSample]] = deque()
     try:
         while ready or http or here or objects:
-            ready.extend((i, _checked_or_skip(body, refs[i][0], cfg)) for i, body in http.poll())
+            # A poll costs a non-blocking read per transfer in flight: with that many images ready
+            # to decode, skip it (the responses wait in the socket buffers meanwhile).
+            if len(ready) < http.in_flight:
+                ready.extend((i, _checked_or_skip(body, refs[i][0], cfg)) for i, body in http.poll())
             while objects and objects[0][1].done():
                 group, future = objects.popleft()
                 ready.extend(zip(group, future.result()))
