@@ -142,9 +142,15 @@ def mine_series(
 
     s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
     chunks = s.cast(pl.String).str.extract_all(CHUNK_PATTERN)
-    fns: dict[str, Callable[[str], Sequence[str]]] = {"hashtags": chunk_tags}
+    tags_of: dict[str, list[str]] = {}  # distinct chunk -> its tags, parsed once for every column
+
+    def hashtags(chunk: str) -> list[str]:
+        tags = tags_of[chunk] = chunk_tags(chunk)
+        return tags
+
+    fns: dict[str, Callable[[str], Sequence[str]]] = {"hashtags": hashtags}  # expanded first
     for name, fn in (per_tag or {}).items():
-        fns[name] = functools.partial(_per_chunk, fn)
+        fns[name] = functools.partial(_per_chunk, fn, tags_of)
     return pl.DataFrame(flat_map_distinct_many(chunks, fns))
 
 
@@ -281,8 +287,8 @@ def _expand_ids(rows, codes, ragged: list[list[int]]):
     return np.repeat(rows, per), flat[gather]
 
 
-def _per_chunk(fn: Callable[[str], Sequence[str]], chunk: str) -> list[str]:
-    return [x for tag in chunk_tags(chunk) for x in fn(tag)]
+def _per_chunk(fn: Callable[[str], Sequence[str]], tags_of: Mapping[str, list[str]], chunk: str) -> list[str]:
+    return [x for tag in tags_of[chunk] for x in fn(tag)]
 
 
 def flat_map_distinct(lists: pl.Series, fn: Callable[[str], Sequence[str]], *, name: str) -> pl.Series:
