@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -331,3 +332,28 @@ def test_tar_writer_writes_the_bytes_tarfile_writes(tmp_path):
         assert index == dali_index(path)
     with pytest.raises(ValueError, match="name is too long"):
         TarWriter(io.BytesIO()).add("k" * 120, {"jpg": b""})
+
+
+def test_tar_writer_starts_writeback_without_changing_bytes(tmp_path, monkeypatch):
+    # every few MB the writer flushes and hands the range to the kernel's writeback
+    # (sync_file_range): the file must be the same bytes, and each range asked for exactly once
+    from maws_data import shards
+
+    calls = []
+    real = shards.start_writeback
+    monkeypatch.setattr(shards, "WRITEBACK_BYTES", 3000)
+    monkeypatch.setattr(shards, "start_writeback", lambda fd, off, n: (calls.append((off, n)), real(fd, off, n)))
+    samples = [(f"s{i}", {"jpg": bytes([i]) * (700 + 97 * i), "cls": b"1", "json": b"{}"}) for i in range(20)]
+    with open(tmp_path / "a.tar", "wb") as f:
+        writer = shards.TarWriter(f)
+        for key, members in samples:
+            writer.add(key, members)
+        digest, size, _ = writer.close()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            shards.add_sample(tar, key, members)
+    assert (tmp_path / "a.tar").read_bytes() == buf.getvalue()
+    assert (digest, size) == (hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue()))
+    assert len(calls) >= 5 and calls[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(calls)) and all(n >= 3000 for _, n in calls)

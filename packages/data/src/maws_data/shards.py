@@ -32,6 +32,7 @@ no tar and no index; its stats say `"shard": null, "samples": 0` and it is left 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -225,6 +226,32 @@ def _write_shard(task: ShardTask, local_dir: Path, remote: bool) -> dict:
     return stats
 
 
+# The shard's fsync (before its commit marker) waits for the disk: 10-20 ms per 20 MB tar on this
+# machine, a core idle for 1-2% of the image pass. Starting the writeback every few MB as the tar
+# grows, as RocksDB's bytes_per_sync does, leaves the fsync ~3 ms (docs/sources_images.md).
+WRITEBACK_BYTES = 4 << 20
+
+
+def _sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # Linux only
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # start writing out the range's dirty pages; do not wait
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range of the file to disk now, without waiting (a hint:
+    where sync_file_range is missing or refused, nothing happens and the fsync does it all)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
 def tar_trailer(length: int) -> bytes:
     """What `tarfile` writes when a stream-mode archive of `length` bytes is closed: two zero blocks,
     then zeros up to a whole record."""
@@ -252,11 +279,20 @@ class TarWriter:
         self.offset = 0
         self.sha = hashlib.sha256()
         self.lines: list[str] = []
+        self.flushed = 0  # bytes handed to the kernel's writeback so far
+        try:
+            self.fd: int | None = f.fileno()
+        except (AttributeError, OSError):  # an in-memory file
+            self.fd = None
 
     def _write(self, data: bytes) -> None:
         self.f.write(data)
         self.sha.update(data)
         self.offset += len(data)
+        if self.fd is not None and self.offset - self.flushed >= WRITEBACK_BYTES:
+            self.f.flush()
+            start_writeback(self.fd, self.flushed, self.offset - self.flushed)
+            self.flushed = self.offset
 
     def header(self, name: str, size: int) -> bytes:
         encoded = name.encode("utf-8")
