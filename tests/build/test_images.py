@@ -293,6 +293,12 @@ def test_many_downloads_in_flight_on_one_thread(server, real_paths, real_jpeg):
     next(stream)
     stream.close()
     assert load_many([(f"{server}/img.jpg", "."), (f"{server}/404.jpg", ".")], cfg, threads=6)[0] == real_jpeg
+    # ... and so does one that is abandoned without being closed (its rows must not come back here)
+    abandoned = _loaded([(f"{server}/404.jpg?{i}", ".") for i in range(12)], cfg, 6)
+    next(abandoned)
+    again = load_many([(f"{server}/img.jpg", ".")] * 3, cfg, threads=6)
+    assert again == [real_jpeg] * 3
+    abandoned.close()
 
 def test_connection_refused():
     import socket

@@ -421,6 +421,7 @@ def _loaded(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, in
     `in_flight` threads (fsspec blocks); local files and inline bytes read here, whenever no
     download is ready. The caller works between two items, and the downloads go on meanwhile."""
     http = _downloads("batch")
+    http.cancel()  # a batch abandoned without being closed must not hand its rows to this one
     http.in_flight = max(1, in_flight)
     here: deque[int] = deque()
     s3: list[int] = []
