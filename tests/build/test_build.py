@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import json
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -357,3 +358,30 @@ def test_tar_writer_starts_writeback_without_changing_bytes(tmp_path, monkeypatc
     assert (digest, size) == (hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue()))
     assert len(calls) >= 5 and calls[0][0] == 0
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(calls)) and all(n >= 3000 for _, n in calls)
+
+
+def test_commit_markers_are_fsynced_and_text_pass_scratch_is_not(tiny_source, tiny_build, tmp_path, monkeypatch):
+    # a crash before the manifest means a rerun, which redoes the text pass: its spills and tables
+    # need no fsync (each one held the scan's processes off the CPU), but every shard's tar and its
+    # stats JSON (the commit marker) and the manifest must reach the disk
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = build(BuildConfig(source=str(tiny_source), out=str(tmp_path / "b"), image_size=64, shard_size=16,
+                            min_count=2, decoder="pil", processes=1, progress=False))
+    assert output_digests(out) == output_digests(tiny_build)
+    names = [Path(p).name for p in synced]  # temporary names: .NAME.<random>.tmp, or .NAME.tmp
+    assert not [p for p in synced if "/_work/" in p and ("/keys/" in p or p.endswith((".parquet.tmp", ".arrows.tmp")))]
+    assert not [n for n in names if n.startswith((".labels.parquet", ".tags.parquet", ".known.parquet"))]
+    assert sorted(n.split(".")[1] for n in names if re.fullmatch(r"\.shard-\d{6}\.json\.\w+\.tmp", n)) == [
+        f"shard-{i:06d}" for i in range(4)]  # every shard's commit marker
+    assert sum(bool(re.fullmatch(r"\.shard-\d{6}\.tar\.tmp", n)) for n in names) == 4
+    assert sum(bool(re.fullmatch(r"\.shard-\d{6}\.npz\.\w+\.tmp", n)) for n in names) == 4  # dedup units, before the markers
+    assert any(n.startswith(".manifest.json") for n in names)

@@ -68,7 +68,7 @@ def write_labels(work: str, vocab: Vocabulary, mapping: dict[str, tuple[tuple[st
     buf = io.BytesIO()
     pl.DataFrame({"hashtag": tags, "wnids": wnids},
                  schema={"hashtag": pl.String, "wnids": pl.List(pl.String)}).write_parquet(buf)
-    write_bytes(storage.join(work, LABELS_NAME), buf.getvalue())
+    write_bytes(storage.join(work, LABELS_NAME), buf.getvalue(), durable=False)  # rebuilt by every run's text pass
 
 
 _labels: dict = {}

@@ -25,15 +25,19 @@ MANIFEST_NAME = "manifest.json"
 TMP_SUFFIX = ".tmp"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, then rename. A reader
+    never sees half of it; `durable=False` skips the fsync, for scratch files that a crashed build
+    recomputes anyway (the text pass's spills and tables: an fsync each held the scan round's
+    processes off the CPU ~16% of the time, docs/data.md)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
@@ -111,7 +115,8 @@ def read_manifest(out_dir: str | Path) -> dict:
 # appears only when its upload completes), so a remote write never leaves half an object.
 
 
-def write_bytes(url: str, data: bytes) -> None:
+def write_bytes(url: str, data: bytes, *, durable: bool = True) -> None:
+    """`data` to a local path (atomically; see atomic_write_bytes for `durable`) or an object."""
     from maws_data import storage
 
     if storage.is_remote(url):
@@ -119,7 +124,7 @@ def write_bytes(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
     else:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(url, data)
+        atomic_write_bytes(url, data, durable=durable)
 
 
 def read_bytes(url: str) -> bytes:

@@ -216,7 +216,7 @@ def scan_unit(task: UnitTask) -> dict:
     usable = df.filter(pl.col("reason").is_null()).select("row", "key")
     usable = usable.with_columns(safe_keys(usable["key"]).alias("safe"))
     usable = usable.with_columns(_bucket_of(usable["safe"], task.buckets).alias("bucket"))
-    write_bytes(_unit_url(task.work, task.unit), _spill_bytes(usable, task.buckets))
+    write_bytes(_unit_url(task.work, task.unit), _spill_bytes(usable, task.buckets), durable=False)
     table = _tags_of(task.work, task.fingerprint, KNOWN_NAME) if task.warm else None
     tags, tag_counts, synset_counts = mine_counts(captions, table, require_complete=True)
     counts = None if tag_counts is None else {"tags": _frame(tag_counts), "synsets": _frame(synset_counts)}
@@ -268,7 +268,7 @@ def resolve_keys(task: KeyTask) -> dict:
                      renamed.cast(_empty_exceptions().schema)]).sort("row")
     buf = io.BytesIO()
     pq.write_table(out.to_arrow(), buf, row_group_size=65536)
-    write_bytes(_bucket_url(task.work, task.bucket), buf.getvalue())
+    write_bytes(_bucket_url(task.work, task.bucket), buf.getvalue(), durable=False)
     import numpy as np
 
     dup_units = np.unique(np.searchsorted(np.asarray(task.unit_rows, np.int64), dups["row"].to_numpy(), "right") - 1)
@@ -395,7 +395,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     warm = 0 < len(cached) <= WARM_MAX_TAGS
     if warm:
         names = sorted(cached)
-        write_bytes(storage.join(work, KNOWN_NAME), _tag_table_bytes(names, [cached[t][0] for t in names]))
+        write_bytes(storage.join(work, KNOWN_NAME), _tag_table_bytes(names, [cached[t][0] for t in names]), durable=False)
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
     seen, tag_counts, synset_counts = _Distinct(), _Totals(), _Totals()
@@ -416,7 +416,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     distinct = seen.result() | tag_counts.names()  # before round 3 subtracts duplicates: every tag seen
     mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached)
     mapped = sorted(t for t in distinct if mapping[t][0])
-    write_bytes(storage.join(work, TAGS_NAME), _tag_table_bytes(mapped, [mapping[t][0] for t in mapped]))
+    write_bytes(storage.join(work, TAGS_NAME), _tag_table_bytes(mapped, [mapping[t][0] for t in mapped]), durable=False)
     # counted in the scan: subtract their duplicate rows; not counted yet: count without them
     todo = [UnitTask(u.unit, u.file, u.span, source, work, buckets, fingerprint, exceptions,
                      dups_only=u.unit in counted) for u in units if u.unit not in counted or u.unit in dup_units]
