@@ -333,7 +333,9 @@ class _Totals:
 
     def _fold(self) -> None:
         if self.pending:
-            self.total = pl.concat([self.total, *self.pending]).group_by("name").agg(pl.col("count").sum())
+            # lazy: collect() releases the GIL, so the pool's result thread can keep reading the
+            # workers' results meanwhile (an eager fold held it, and a worker's send waited)
+            self.total = pl.concat([self.total, *self.pending]).lazy().group_by("name").agg(pl.col("count").sum()).collect()
             self.pending, self.pending_rows = [], 0
 
     def names(self) -> set[str]:
@@ -364,7 +366,7 @@ class _Distinct:
 
     def _fold(self) -> None:
         if self.pending:
-            self.total = pl.concat([self.total, *self.pending]).unique()
+            self.total = pl.concat([self.total, *self.pending]).to_frame().lazy().unique().collect().to_series()
             self.pending, self.pending_rows = [], 0
 
     def result(self) -> set[str]:
