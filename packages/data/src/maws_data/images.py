@@ -318,11 +318,16 @@ class Downloads:
             wait = min(wait, max(0.0, self.backoff[0][0] - time.monotonic()))
         return wait
 
+    def _next_job(self, now: float) -> _Job | None:
+        """A retry whose backoff is over first, else the next new GET, else None."""
+        if self.backoff and self.backoff[0][0] <= now:
+            return heapq.heappop(self.backoff)[2]
+        return self.waiting.popleft() if self.waiting else None
+
     def _start(self) -> bool:
         started = False
         now = time.monotonic()
-        while len(self.running) < self.in_flight and (self.backoff and self.backoff[0][0] <= now or self.waiting):
-            job = heapq.heappop(self.backoff)[2] if self.backoff and self.backoff[0][0] <= now else self.waiting.popleft()
+        while len(self.running) < self.in_flight and (job := self._next_job(now)) is not None:
             c = self.idle.pop() if self.idle else _new_handle()
             timeout_ms = max(1, int(job.cfg.timeout_s * 1000))
             c.setopt(pycurl.URL, job.url)
@@ -433,19 +438,20 @@ def _loaded(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, in
             (s3 if kind == "s3" else here).append(i)
 
     def load(i: int) -> bytes | SkipSample:
-        try:
-            return load_image_bytes(refs[i][0], base_dir=refs[i][1], cfg=cfg)
-        except SkipSample as e:
-            return e
+        return _load_or_skip(refs[i], cfg)
+
+    ready: deque[tuple[int, bytes | SkipSample]] = deque()
+
+    def reap(timeout: float = 0.0) -> None:
+        ready.extend((i, _checked_or_skip(body, refs[i][0], cfg)) for i, body in http.poll(timeout))
 
     objects = deque((g, _pool(in_flight).submit(lambda g: [load(i) for i in g], g)) for g in _groups(s3))
-    ready: deque[tuple[int, bytes | SkipSample]] = deque()
     try:
         while ready or http or here or objects:
             # A poll costs a non-blocking read per transfer in flight: with that many images ready
             # to decode, skip it (the responses wait in the socket buffers meanwhile).
             if len(ready) < http.in_flight:
-                ready.extend((i, _checked_or_skip(body, refs[i][0], cfg)) for i, body in http.poll())
+                reap()
             while objects and objects[0][1].done():
                 group, future = objects.popleft()
                 ready.extend(zip(group, future.result()))
@@ -455,11 +461,18 @@ def _loaded(refs: Sequence[tuple[str | bytes | None, str]], cfg: ImageConfig, in
                 i = here.popleft()
                 yield i, load(i)
             elif http:
-                ready.extend((i, _checked_or_skip(body, refs[i][0], cfg)) for i, body in http.poll(timeout=0.05))
+                reap(timeout=0.05)
             elif objects:
                 wait([objects[0][1]], timeout=0.05)
     finally:
         http.cancel()
+
+
+def _load_or_skip(item: tuple[str | bytes | None, str], cfg: ImageConfig) -> bytes | SkipSample:
+    try:
+        return load_image_bytes(item[0], base_dir=item[1], cfg=cfg)
+    except SkipSample as e:
+        return e
 
 
 def _checked_or_skip(body: bytes | SkipSample, ref, cfg: ImageConfig) -> bytes | SkipSample:
@@ -505,13 +518,7 @@ def load_and_process_many(refs: Sequence[tuple[str | bytes | None, str]], cfg: I
             results[i] = process(data)
         return results
 
-    def load(item):
-        try:
-            return load_image_bytes(item[0], base_dir=item[1], cfg=cfg)
-        except SkipSample as e:
-            return e
-
-    return _map_threads(lambda item: process(load(item)), refs, threads)
+    return _map_threads(lambda item: process(_load_or_skip(item, cfg)), refs, threads)
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
