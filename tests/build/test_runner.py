@@ -72,3 +72,31 @@ def test_local_pool_is_recycled_after_its_tasks():
     assert len(set(results.values())) >= 4  # 4 pools, each with at least one worker of its own
     per_worker = {p: sum(1 for v in results.values() if v == p) for p in set(results.values())}
     assert max(per_worker.values()) <= 6  # no worker outlives its pool's 2 x 3 tasks
+
+
+def env(name: str) -> tuple[int, str | None]:
+    import os
+
+    return os.getpid(), os.environ.get(name)
+
+
+def test_a_pool_started_early_is_adopted_by_the_next_runner(monkeypatch):
+    from maws_data import runner as runner_module
+    from maws_data.runner import start_early
+
+    monkeypatch.setenv("MAWS_TEST_EARLY", "set before start_early")
+    start_early(2, ("json",))
+    early_pool = runner_module._early[2][0]
+    with Runner(RunnerConfig(kind="local", processes=2)) as runner:
+        runner.warm(("json",))
+        assert runner._pool is early_pool and 2 not in runner_module._early  # adopted, not a second pool
+        results = list(runner.map(env, ["MAWS_TEST_EARLY"] * 6))
+        early_pids = set(early_pool._processes)  # pid -> process, while the pool runs
+    assert {v for _, (_, v) in results} == {"set before start_early"}  # the workers copied the environment
+    assert len(early_pids) == 2 and {p for _, (p, _) in results} <= early_pids
+    # a Runner of another size does not take it
+    start_early(3, ("json",))
+    with Runner(RunnerConfig(kind="local", processes=2)) as runner:
+        runner.warm(("json",))
+        assert 3 in runner_module._early and runner._pool is not runner_module._early[3][0]
+    runner_module._early.pop(3)[0].shutdown(wait=True)

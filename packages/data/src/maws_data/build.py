@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from maws_data import storage
+from maws_data import WORKER_MODULES, storage
 from maws_data.dedup.decontam import EVAL_THRESHOLD, DecontamError, EvalIndex
 from maws_data.dedup.table import NEAR_THRESHOLD
 from maws_data.deduppass import DEDUP_DIR, dedup_pass, remove_table
@@ -69,7 +69,6 @@ from maws_data.wordnet import MappingConfig
 
 BUILD_STATE_NAME = "build.json"
 BUILD_FORMAT = 3  # in the fingerprint: 2 = streaming builder (null captions kept, per-file shards), 3 = + dedup hashes
-WORKER_MODULES = ("maws_data.plan", "maws_data.textpass", "maws_data.imagepass")  # what tasks import first
 EVAL_INDEX_NAME = "eval_index.npz"  # in the work folder: the --decontaminate eval sets' hashes, for the workers
 # Config fields that do not change the output bytes (how the work is run, where, how it is shown).
 RUNTIME_FIELDS = ("out", "processes", "threads", "runner", "ray_address", "overwrite", "progress",

@@ -109,14 +109,18 @@ def build(
     """Build WebDataset shards, vocabulary and manifest from a captions table (resumable)."""
     import os
 
-    from maws_data.build import BuildConfig, BuildError
-    from maws_data.build import build as run_build
-    from maws_data.runner import TaskFailed
-    from maws_data.sources import SourceError
-    from maws_data.wordnet import WordNetMissingError
+    from maws_data import WORKER_MODULES
+    from maws_data.runner import TaskFailed, start_early
 
     if s3_endpoint:
-        os.environ["MAWS_S3_ENDPOINT"] = s3_endpoint
+        os.environ["MAWS_S3_ENDPOINT"] = s3_endpoint  # before the workers start: they copy the environment
+    if runner is Runner.local:
+        start_early(processes or os.cpu_count() or 1, WORKER_MODULES)  # they import while we do, below
+
+    from maws_data.build import BuildConfig, BuildError
+    from maws_data.build import build as run_build
+    from maws_data.sources import SourceError
+    from maws_data.wordnet import WordNetMissingError
     try:
         cfg = BuildConfig(source=source, out=out, key_column=key_column, image_column=image_column,
                           caption_column=caption_column, image_size=image_size, jpeg_quality=jpeg_quality,
