@@ -196,19 +196,24 @@ def test_bad_rows_are_counted_exactly(bad_build):
     check_bad_build(bad_build)
 
 
-def test_bad_rows_over_several_files_and_key_buckets(bad_source, bad_build, tmp_path, monkeypatch):
-    # the same 30 rows as three files (split at shard boundaries), keys spread over 7 hash buckets:
-    # the duplicate (row 23 = row 0, another file) and the sanitised-key clash (26/27) are still found
-    from maws_data import textpass
-
-    monkeypatch.setattr(textpass, "KEYS_PER_BUCKET", 4)
+def split_bad_source(bad_source: Path, src: Path) -> Path:
+    """The same 30 rows as three files (split at shard boundaries), beside the same images."""
     table = pl.read_parquet(bad_source)
-    src = tmp_path / "split"
     src.mkdir()
     (src / "images").symlink_to(bad_source.parent / "images", target_is_directory=True)
     (src / "bad").symlink_to(bad_source.parent / "bad", target_is_directory=True)
     for i, (a, b) in enumerate([(0, 12), (12, 24), (24, 30)]):
         table.slice(a, b - a).write_parquet(src / f"part-{i}.parquet")
+    return src
+
+
+def test_bad_rows_over_several_files_and_key_buckets(bad_source, bad_build, tmp_path, monkeypatch):
+    # keys spread over 7 hash buckets: the duplicate (row 23 = row 0, another file) and the
+    # sanitised-key clash (26/27) are still found
+    from maws_data import textpass
+
+    monkeypatch.setattr(textpass, "KEYS_PER_BUCKET", 4)
+    src = split_bad_source(bad_source, tmp_path / "split")
     out = build(bad_config(src, tmp_path / "out"))
     check_bad_build(out)
     first, second = output_digests(bad_build), output_digests(out)
@@ -222,6 +227,53 @@ def test_bad_rows_over_several_files_and_key_buckets(bad_source, bad_build, tmp_
         for r in a["skipped_rows"] + b["skipped_rows"]:
             r["detail"] = r["detail"].replace(str(src), str(bad_source.parent))
         assert a == b
+
+
+def test_merged_key_spills_decide_as_the_unit_spills(bad_source, tmp_path, monkeypatch):
+    # 8 text units (one shard each) and 7 key buckets; forced past MERGE_MIN_READS, a merge round
+    # joins pairs of units' spills (4 groups: rows 0 and 23, the duplicate pair, in different ones)
+    # and the keys round reads the groups: every output byte equals the unmerged build's
+    from maws_data import textpass
+
+    monkeypatch.setattr(textpass, "KEYS_PER_BUCKET", 4)
+    src = split_bad_source(bad_source, tmp_path / "split")
+    plain = build(bad_config(src, tmp_path / "plain", text_unit_rows=4))
+    merged_groups = []
+    real_merge = textpass.merge_spills
+
+    def spy(task):
+        res = real_merge(task)
+        merged_groups.append((task.first_unit, task.end_unit, Path(textpass._group_url(task.work, task.group)).is_file()))
+        for u in range(task.first_unit, task.end_unit):  # so that a keys round reading these instead fails
+            Path(textpass._unit_url(task.work, u)).unlink()
+        return res
+
+    monkeypatch.setattr(textpass, "MERGE_MIN_READS", 0)
+    monkeypatch.setattr(textpass, "GROUP_ROWS", 8)
+    monkeypatch.setattr(textpass, "merge_spills", spy)  # processes=1: tasks run inline, so the spy sees them
+    merged = build(bad_config(src, tmp_path / "merged", text_unit_rows=4))
+    assert sorted(merged_groups) == [(0, 2, True), (2, 4, True), (4, 6, True), (6, 8, True)]
+    check_bad_build(merged)
+    assert output_digests(merged) == output_digests(plain)
+
+
+def test_merged_spill_holds_each_units_rows_in_order(tmp_path):
+    # the byte-level merge: bucket b of the group = bucket b of each unit, in unit order
+    from maws_data import textpass
+
+    work, buckets = str(tmp_path), 3
+    (tmp_path / "keys").mkdir()
+    units = [pl.DataFrame({"row": pl.Series([r, r + 1, r + 2], dtype=pl.UInt64), "key": [f"k{r}", f"k{r + 1}", f"k{r + 2}"]})
+             for r in (0, 10)]
+    for u, df in enumerate(units):
+        df = df.with_columns(pl.col("key").alias("safe"), pl.Series("bucket", [0, 2, 0], dtype=pl.UInt32))
+        (tmp_path / "keys" / f"unit-{u:06d}.arrows").write_bytes(textpass._spill_bytes(df, buckets))
+    textpass.merge_spills(textpass.MergeTask(0, work, buckets, 0, 2))
+    group = textpass._group_url(work, 0)
+    read = [textpass._read_spill(group, b) for b in range(buckets)]
+    assert read[0].column("row").to_pylist() == [0, 2, 10, 12]
+    assert read[1] is None
+    assert read[2].column("key").to_pylist() == ["k1", "k11"]
 
 
 def test_two_builds_are_byte_identical(bad_source, bad_build, tmp_path):

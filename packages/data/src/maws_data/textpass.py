@@ -15,6 +15,12 @@ each reading its own rows; the driver only merges per-task results:
    gets `_r<row>` appended. Only these exceptions are written (`_work/keys/bucket-BBBB.parquet`,
    sorted by row); most builds have none, and then nothing is read back.
    (The one clash this cannot see: a suffixed key `x_r27` equal to another row's own key `x_r27`.)
+   A keys task reads one byte range per (spill file, bucket): with one spill per unit that is
+   units x buckets reads, which grows with rows^2 (16k at 10^7 rows of 25k-row files, 160M at
+   10^9: on object storage, 160M range requests). Past MERGE_MIN_READS, a merge round (2a) first
+   joins runs of consecutive units' spills into `_work/keys/group-NNNNNN.arrows` files of about
+   GROUP_ROWS rows, bucket by bucket, copying bytes (no Arrow decode); the keys round then reads
+   (units / group) x buckets ranges (8M at 10^9 rows), the decisions unchanged.
 3. count (one task per text unit, after the driver mapped every distinct hashtag ONCE, reusing the
    mapping cache): rows per hashtag and rows per synset (a row counts once per synset any of its
    tags maps to), over the rows that passed the checks and are not duplicates.
@@ -27,7 +33,8 @@ The driver maps tags with `maws_data.wordnet.HashtagMapper`; a mapping cache (a 
 mapping configuration, under `mapping_cache`, default ~/.cache/maws-data/hashtag-maps) keeps every
 tag it has mapped, so a rerun, a resume or a larger build only maps tags it has never seen.
 
-Memory: a worker holds one text unit (or one key bucket), and when warm the shipped mapping cache;
+Memory: a worker holds one text unit (or one key bucket, or one merge group's spill bytes, twice:
+~40 MB at GROUP_ROWS), and when warm the shipped mapping cache;
 the driver holds the distinct hashtags and their counts, the synset counts, and when warm the
 mapping cache with a dense count per cached tag and synset (`Known`).
 """
@@ -56,6 +63,8 @@ from maws_data.sources import SourceConfig, SourceFile, read_rows
 KEY_MAX_LEN = 64  # tar USTAR names hold 100 bytes; leave room for ".json" and margin
 UNSAFE_KEY_PATTERN = r"[^A-Za-z0-9_-]"
 KEYS_PER_BUCKET = 250_000  # rows per key bucket: bounds the memory of one keys task (~30 MB)
+MERGE_MIN_READS = 250_000  # (spill file, bucket) reads in the keys round past which units are merged first
+GROUP_ROWS = 500_000  # rows per merged spill: bounds the memory of one merge task (its spills' bytes, twice)
 WORK_DIR = "_work"
 TAGS_NAME = "tags.parquet"
 KNOWN_NAME = "known.parquet"
@@ -150,13 +159,11 @@ def _spill_bytes(usable: pl.DataFrame, buckets: int) -> bytes:
     starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     blobs = [batch.slice(starts[b], starts[b + 1] - starts[b]).to_batches()[0].serialize().to_pybytes()
              if sizes[b] else b"" for b in range(buckets)]
-    ends = np.cumsum(np.fromiter(map(len, blobs), np.int64, buckets))
-    offsets = len(SPILL_MAGIC) + 8 * (buckets + 1) + np.concatenate([np.zeros(1, np.int64), ends])
-    return SPILL_MAGIC + offsets.astype("<u8").tobytes() + b"".join(blobs)
+    return _spill_file(blobs, buckets)
 
 
 def _read_spill(url: str, bucket: int) -> pa.Table | None:
-    """One bucket's keys from a unit's spill (None when the unit has none in it)."""
+    """One bucket's keys from a unit's (or a group's) spill (None when it has none in that bucket)."""
     if storage.is_remote(url):
         fs, path = storage.filesystem(url)
         fh = fs.open(path, "rb")
@@ -168,11 +175,59 @@ def _read_spill(url: str, bucket: int) -> pa.Table | None:
         if hi == lo:
             return None
         fh.seek(lo)
-        return pa.Table.from_batches([pa.ipc.read_record_batch(pa.py_buffer(fh.read(hi - lo)), SPILL_SCHEMA)])
+        return _batches(fh.read(hi - lo))
+
+
+def _batches(blob: bytes) -> pa.Table:
+    """The record-batch messages of one bucket's byte range (one in a unit's spill, one per unit in
+    a group's), as a table."""
+    reader = pa.ipc.MessageReader.open_stream(pa.py_buffer(blob))
+    return pa.Table.from_batches([pa.ipc.read_record_batch(m, SPILL_SCHEMA) for m in reader], SPILL_SCHEMA)
+
+
+def _spill_ranges(blob: bytes, buckets: int) -> list[int]:
+    """A spill's (buckets + 1) offsets: bucket b is blob[off[b]:off[b + 1]]."""
+    import numpy as np
+
+    if blob[:len(SPILL_MAGIC)] != SPILL_MAGIC:
+        raise ValueError("not a key spill (bad magic)")
+    return np.frombuffer(blob, "<u8", buckets + 1, len(SPILL_MAGIC)).tolist()
+
+
+def _spill_file(sections: list[bytes], buckets: int) -> bytes:
+    """SPILL_MAGIC, the offsets header, then each bucket's bytes (the layout `_read_spill` reads)."""
+    import numpy as np
+
+    ends = np.cumsum(np.fromiter(map(len, sections), np.int64, buckets))
+    offsets = len(SPILL_MAGIC) + 8 * (buckets + 1) + np.concatenate([np.zeros(1, np.int64), ends])
+    return SPILL_MAGIC + offsets.astype("<u8").tobytes() + b"".join(sections)
 
 
 def _unit_url(work: str, unit: int) -> str:
     return storage.join(work, "keys", f"unit-{unit:06d}.arrows")
+
+
+def _group_url(work: str, group: int) -> str:
+    return storage.join(work, "keys", f"group-{group:06d}.arrows")
+
+
+def _spill_urls(work: str, units: int, group: int) -> list[str]:
+    """What the keys round reads: every unit's spill, or (group > 1) every group's."""
+    if group <= 1:
+        return [_unit_url(work, u) for u in range(units)]
+    return [_group_url(work, g) for g in range(math.ceil(units / group))]
+
+
+def spill_group(unit_rows: list[int], buckets: int) -> int:
+    """Units per merged spill (1: no merge round). The keys round reads one range per (spill file,
+    bucket): units x buckets grows with rows^2 (160M reads at 10^9 rows of 25k-row files), so past
+    MERGE_MIN_READS a merge round first joins runs of consecutive units into files of about
+    GROUP_ROWS rows, and the keys round reads (units / group) x buckets ranges instead."""
+    units = len(unit_rows)
+    if units * buckets <= MERGE_MIN_READS or units < 2:
+        return 1
+    mean_rows = max(1, sum(unit_rows) // units)
+    return max(2, min(units, GROUP_ROWS // mean_rows))
 
 
 def _bucket_url(work: str, bucket: int) -> str:
@@ -229,6 +284,41 @@ def scan_unit(task: UnitTask) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Round 2a (large builds only): merge runs of unit spills
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    group: int
+    work: str
+    buckets: int
+    first_unit: int
+    end_unit: int
+
+    @property
+    def rows(self) -> int:
+        return 0
+
+    def name(self) -> str:
+        return f"key spill group {self.group} (units {self.first_unit}..{self.end_unit})"
+
+
+def merge_spills(task: MergeTask) -> dict:
+    """Join units [first_unit, end_unit)'s spills into one: bucket b's section is their bucket-b
+    messages in unit order, copied as bytes (no Arrow decode), so a bucket's rows stay in row order."""
+    blobs = [read_bytes(_unit_url(task.work, u)) for u in range(task.first_unit, task.end_unit)]
+    ranges = [_spill_ranges(blob, task.buckets) for blob in blobs]
+    sections = [b"".join(blob[r[b]:r[b + 1]] for blob, r in zip(blobs, ranges)) for b in range(task.buckets)]
+    write_bytes(_group_url(task.work, task.group), _spill_file(sections, task.buckets), durable=False)
+    return {"units": len(blobs)}
+
+
+def merge_tasks(work: str, units: int, buckets: int, group: int) -> list[MergeTask]:
+    return [MergeTask(g, work, buckets, first, min(first + group, units))
+            for g, first in enumerate(range(0, units, group))]
+
+
+# ---------------------------------------------------------------------------------------------
 # Round 2: keys
 
 
@@ -238,6 +328,7 @@ class KeyTask:
     work: str
     units: int
     unit_rows: tuple[int, ...] = ()  # the first row of every text unit, to say which units hold duplicates
+    group: int = 1  # units per spill file (> 1: read the merge round's group spills)
 
     @property
     def rows(self) -> int:
@@ -249,7 +340,8 @@ class KeyTask:
 
 def resolve_keys(task: KeyTask) -> dict:
     """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n, "dup_units": [unit, ...]}."""
-    parts = [part for u in range(task.units) if (part := _read_spill(_unit_url(task.work, u), task.bucket)) is not None]
+    parts = [part for url in _spill_urls(task.work, task.units, task.group)
+             if (part := _read_spill(url, task.bucket)) is not None]
     # one arrow -> polars conversion for the bucket, not one per unit
     df = pl.from_arrow(pa.concat_tables(parts)) if parts else pl.DataFrame(
         schema={"row": pl.UInt64, "key": pl.String, "safe": pl.String})
@@ -478,7 +570,11 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
             totals.add(frame)
     exceptions, dup_units = False, set()
     starts = tuple(u.row0 for u in plan.units)
-    for _, res in runner.map(resolve_keys, [KeyTask(b, work, len(units), starts) for b in range(buckets)],
+    group = spill_group([u.rows for u in plan.units], buckets)
+    if group > 1:
+        for _ in runner.map(merge_spills, merge_tasks(work, len(units), buckets, group), desc="text: merge"):
+            pass
+    for _, res in runner.map(resolve_keys, [KeyTask(b, work, len(units), starts, group) for b in range(buckets)],
                              desc="text: keys"):
         exceptions |= bool(res["duplicates"] or res["renamed"])
         dup_units.update(res["dup_units"])
