@@ -16,6 +16,8 @@ renamed) must be the same both ways.
 
     uv run python tools/bench/keys_round.py
     uv run python tools/bench/keys_round.py --units 100 --buckets 1000 --sample 20
+    MAWS_S3_ENDPOINT=http://127.0.0.1:8333 AWS_ACCESS_KEY_ID=k AWS_SECRET_ACCESS_KEY=s \
+        uv run python tools/bench/keys_round.py --work s3://test/keys-bench --sample 2   # on object storage
 """
 
 from __future__ import annotations
@@ -24,20 +26,19 @@ import argparse
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import polars as pl
-from maws_data import textpass
+from maws_data import storage, textpass
+from maws_data.manifest import write_bytes
 
 
 def write_units(work: str, units: int, unit_rows: int, buckets: int) -> None:
-    (Path(work) / "keys").mkdir(parents=True, exist_ok=True)
     for u in range(units):
         rows = pl.int_range(u * unit_rows, (u + 1) * unit_rows, dtype=pl.UInt64, eager=True).alias("row")
         df = pl.DataFrame([rows]).with_columns(("key-" + pl.col("row").cast(pl.String)).alias("key"))
         df = df.with_columns(pl.col("key").alias("safe"))
         df = df.with_columns(textpass._bucket_of(df["safe"], buckets).alias("bucket"))
-        Path(textpass._unit_url(work, u)).write_bytes(textpass._spill_bytes(df, buckets))
+        write_bytes(textpass._unit_url(work, u), textpass._spill_bytes(df, buckets), durable=False)
 
 
 def time_keys(work: str, units: int, starts: tuple[int, ...], sample: list[int], group: int) -> tuple[float, list]:
@@ -52,8 +53,10 @@ def main() -> None:
     ap.add_argument("--unit-rows", type=int, default=25_000)
     ap.add_argument("--buckets", type=int, default=4_000)
     ap.add_argument("--sample", type=int, default=40, help="buckets timed (spread over all)")
+    ap.add_argument("--work", default=None, help="where the spills go: a folder or s3://bucket/prefix (default: a "
+                                                 "temporary folder); removed afterwards")
     args = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="maws-bench-keys-")
+    work = args.work or tempfile.mkdtemp(prefix="maws-bench-keys-")
     try:
         t0 = time.perf_counter()
         write_units(work, args.units, args.unit_rows, args.buckets)
@@ -81,7 +84,11 @@ def main() -> None:
               f"round {merged_s * args.buckets:7.1f} s + merge {merge_s:.1f} s ({files} tasks) = {merged_total:.1f} s")
         print(f"keys round with the merge: {plain_total / merged_total:.1f}x faster (CPU, one process)")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if storage.is_remote(work):
+            fs, path = storage.filesystem(work)
+            fs.rm(path, recursive=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

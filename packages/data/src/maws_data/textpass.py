@@ -164,13 +164,16 @@ def _spill_bytes(usable: pl.DataFrame, buckets: int) -> bytes:
 
 def _read_spill(url: str, bucket: int) -> pa.Table | None:
     """One bucket's keys from a unit's (or a group's) spill (None when it has none in that bucket)."""
+    at = len(SPILL_MAGIC) + 8 * bucket
     if storage.is_remote(url):
+        # two exact range requests: a file object would read ahead a whole block (5 MB in s3fs) for
+        # each, ~70 ms per read of a 20 MB group spill on a local SeaweedFS
         fs, path = storage.filesystem(url)
-        fh = fs.open(path, "rb")
-    else:
-        fh = open(url, "rb")  # noqa: SIM115 - closed below
-    with fh:
-        fh.seek(len(SPILL_MAGIC) + 8 * bucket)
+        head = fs.cat_file(path, start=at, end=at + 16)
+        lo, hi = int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little")
+        return None if hi == lo else _batches(fs.cat_file(path, start=lo, end=hi))
+    with open(url, "rb") as fh:
+        fh.seek(at)
         lo, hi = int.from_bytes(fh.read(8), "little"), int.from_bytes(fh.read(8), "little")
         if hi == lo:
             return None
