@@ -41,6 +41,7 @@ mapping cache with a dense count per cached tag and synset (`Known`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -404,17 +405,25 @@ class Known:
         import numpy as np
 
         self.tags = tags
-        self.wnids = dict(zip(tags, wnids))  # what mine_counts looks tags up in
+        self._wnids = wnids
         self.synsets = sorted({w for ws in wnids for w in ws})
-        self._tag_index = {t: i for i, t in enumerate(tags)}
-        self._synset_index = {w: j for j, w in enumerate(self.synsets)}
         self.tag_rows = np.zeros(len(tags), np.int64)  # the driver's sums
         self.synset_rows = np.zeros(len(self.synsets), np.int64)
 
+    # the worker's side only (built on first use: the driver never needs them, ~230 B a tag)
+    @functools.cached_property
+    def wnids(self) -> dict[str, tuple[str, ...]]:
+        """hashtag -> wnids: what mine_counts looks tags up in."""
+        return dict(zip(self.tags, self._wnids))
+
+    @functools.cached_property
+    def _indices(self) -> tuple[dict[str, int], dict[str, int]]:
+        return {t: i for i, t in enumerate(self.tags)}, {w: j for j, w in enumerate(self.synsets)}
+
     def counts(self, tag_counts: dict[str, int], synset_counts: dict[str, int]) -> dict:
         """A unit's counts as {"tags": (index, rows), "synsets": (index, rows)} arrays (the worker's side)."""
-        return {"tags": self._indexed(self._tag_index, tag_counts),
-                "synsets": self._indexed(self._synset_index, synset_counts)}
+        tag_index, synset_index = self._indices
+        return {"tags": self._indexed(tag_index, tag_counts), "synsets": self._indexed(synset_index, synset_counts)}
 
     @staticmethod
     def _indexed(index: dict[str, int], counts: dict[str, int]):
