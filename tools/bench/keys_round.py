@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--unit-rows", type=int, default=25_000)
     ap.add_argument("--buckets", type=int, default=4_000)
     ap.add_argument("--sample", type=int, default=40, help="buckets timed (spread over all)")
+    ap.add_argument("--group", type=int, default=0, help="units per merged spill (default: what the build would "
+                                                          "choose, textpass.spill_group)")
     ap.add_argument("--work", default=None, help="where the spills go: a folder or s3://bucket/prefix (default: a "
                                                  "temporary folder); removed afterwards")
     args = ap.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
         sample = list(range(0, args.buckets, max(1, args.buckets // args.sample)))[:args.sample]
         time_keys(work, args.units, starts, sample, 1)  # warm: the page cache, this process's imports
         plain_s, plain = time_keys(work, args.units, starts, sample, 1)
-        group = textpass.spill_group([args.unit_rows] * args.units, args.buckets)
+        group = args.group or textpass.spill_group([args.unit_rows] * args.units, args.buckets)
         if group == 1:
             raise SystemExit(f"{args.units} x {args.buckets} reads <= MERGE_MIN_READS "
                              f"({textpass.MERGE_MIN_READS:,}): the build would not merge; take more units or buckets")
