@@ -84,7 +84,7 @@ def main() -> None:
               f"round {plain_total:7.1f} s")
         print(f"merged (x{group}): {files * args.buckets:>11,} reads, {merged_s * 1e3:7.1f} ms per bucket, "
               f"round {merged_s * args.buckets:7.1f} s + merge {merge_s:.1f} s ({files} tasks) = {merged_total:.1f} s")
-        print(f"keys round with the merge: {plain_total / merged_total:.1f}x faster (CPU, one process)")
+        print(f"keys round with the merge: {plain_total / merged_total:.1f}x faster (wall, one process)")
     finally:
         if storage.is_remote(work):
             fs, path = storage.filesystem(work)
