@@ -347,14 +347,24 @@ class KeyTask:
         return f"key bucket {self.bucket}"
 
 
+COMBINE_MIN_CHUNKS = 1_000  # a bucket read from more unit slices than this is made one chunk first
+
+
+def _one_table(parts: list[pa.Table]) -> pa.Table:
+    """The bucket's parts as one table. From thousands of small batches (a unit's share of a bucket,
+    at 10^8 rows and up) polars converts ~3x slower and every later operation runs over thousands of
+    chunks, so past COMBINE_MIN_CHUNKS they are first copied into one; below it, the copy would only
+    add its ~50 B a key to the task's peak (+15-20 MB of a worker's RSS at 250k keys)."""
+    table = pa.concat_tables(parts)
+    return table.combine_chunks() if len(parts) > COMBINE_MIN_CHUNKS else table
+
+
 def resolve_keys(task: KeyTask) -> dict:
     """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n, "dup_units": [unit, ...]}."""
     parts = [part for url in _spill_urls(task.work, task.units, task.group)
              if (part := _read_spill(url, task.bucket)) is not None]
-    # one arrow -> polars conversion for the bucket, not one per unit, of one chunk: polars converts
-    # a table of thousands of small batches (a unit's share of a bucket) ~3x slower, and every
-    # later operation then runs over thousands of chunks
-    df = pl.from_arrow(pa.concat_tables(parts).combine_chunks()) if parts else pl.DataFrame(
+    # one arrow -> polars conversion for the bucket, not one per unit
+    df = pl.from_arrow(_one_table(parts)) if parts else pl.DataFrame(
         schema={"row": pl.UInt64, "key": pl.String, "safe": pl.String})
     # units cover increasing row ranges and a spill keeps row order inside a bucket, so the rows
     # arrive sorted; sorting anyway cost ~30 MB of the task's ~80 MB at 250k rows (the worker's peak)
