@@ -191,10 +191,9 @@ def build(cfg: BuildConfig) -> Path | str:
             mapping_cfg = MappingConfig(stoplist_path=cfg.stoplist, ambiguity=cfg.ambiguity,
                                         use_segmentation=cfg.segmentation)
             text = text_pass(plan, src, work, fingerprint, runner, mapping_cfg, cfg.mapping_cache)
-            tag_wnids = {t: m[0] for t, m in text.mapping.items()}
             kept = [w for w, c in text.synset_counts.items() if c >= cfg.min_count]
             names = synset_names(kept, mapping_cfg, cfg.mapping_cache)
-            vocab = vocabulary_from_counts(text.synset_counts, text.tag_counts, tag_wnids, min_count=cfg.min_count,
+            vocab = vocabulary_from_counts(text.synset_counts, text.tag_counts, text.mapping, min_count=cfg.min_count,
                                            max_classes=cfg.max_classes, synset_name=names.__getitem__)
             write_bytes(storage.join(out, VOCABULARY_NAME), vocab.to_frame().write_csv(separator="\t").encode())
             write_bytes(storage.join(out, HASHTAG_MAP_NAME),

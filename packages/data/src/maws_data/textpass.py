@@ -566,7 +566,7 @@ class _Distinct:
 class TextResult:
     tag_counts: dict[str, int]  # rows per hashtag (usable, non-duplicate rows)
     synset_counts: dict[str, int]  # rows per synset
-    mapping: dict[str, tuple[tuple[str, ...], str]]  # every distinct tag -> (wnids, rule)
+    mapping: dict[str, tuple[tuple[str, ...], str]]  # every distinct tag (and no other) -> (wnids, rule)
     buckets: int
     exceptions: bool  # the keys round found duplicates or renamed keys
     mapped_now: int  # tags mapped in this run (not found in the mapping cache)
@@ -618,8 +618,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         sign = -1 if task.dups_only else 1
         tag_counts.add(res["tags"], sign)
         synset_counts.add(res["synsets"], sign)
-    return TextResult(tag_counts.result(), synset_counts.result(),
-                      {t: mapping[t] for t in distinct}, buckets, exceptions, mapped_now)
+    return TextResult(tag_counts.result(), synset_counts.result(), mapping, buckets, exceptions, mapped_now)
 
 
 def _tag_table_bytes(tags: list[str], wnids: list) -> bytes:

@@ -171,16 +171,16 @@ def label_rows(row_wnids: pl.DataFrame, vocab: Vocabulary) -> pl.DataFrame:
 
 
 def vocabulary_from_counts(synset_counts: dict[str, int], tag_counts: dict[str, int],
-                           tag_wnids: dict[str, tuple[str, ...]], *, min_count: int, max_classes: int | None,
-                           synset_name: Callable[[str], str]) -> Vocabulary:
-    """`build_vocabulary` from rows per synset, rows per hashtag and each tag's synsets."""
+                           mapping: dict[str, tuple[tuple[str, ...], str]], *, min_count: int,
+                           max_classes: int | None, synset_name: Callable[[str], str]) -> Vocabulary:
+    """`build_vocabulary` from rows per synset, rows per hashtag and each tag's (synsets, rule)."""
     kept = sorted(((w, c) for w, c in synset_counts.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
     if max_classes is not None:
         kept = kept[:max_classes]
     wanted = {w for w, _ in kept}
     fed: dict[str, list[str]] = {w: [] for w in wanted}
     for tag in sorted(tag_counts, key=lambda t: (-tag_counts[t], t)):
-        for w in dict.fromkeys(tag_wnids.get(tag, ())):
+        for w in dict.fromkeys(mapping[tag][0] if tag in mapping else ()):
             if w in wanted:
                 fed[w].append(tag)
     return Vocabulary(wnids=tuple(w for w, _ in kept), names=tuple(synset_name(w) for w, _ in kept),
