@@ -278,10 +278,6 @@ def machine_speedups(repeats: int = 3) -> tuple[float, float]:
     return machine_speedup(_python_work, repeats), machine_speedup(_counting_work, repeats)
 
 
-def median(xs: list[float]) -> float:
-    return float(np.median(xs))
-
-
 def report(runs: list[Run], sizes: list[int], procs: list[int]) -> None:
     print("\n| rows | processes | wall s | us/row | text pass s | text rows/s/process | driver RSS MB | "
           "largest worker RSS MB | distinct tags |")
@@ -311,7 +307,7 @@ def report(runs: list[Run], sizes: list[int], procs: list[int]) -> None:
         ones, twos = groups[(hi, 1)], groups[(hi, 2)]
         # runs alternate 1, 2, 1, 2...: pair each 1-process run with the 2-process run after it
         ratios = [a.text_s / b.text_s for a, b in zip(ones, twos)]
-        speedup = median(ratios)
+        speedup = float(np.median(ratios))
         python, counting = machine_speedups()
         print(f"text pass, 2 vs 1 processes at {hi:,} rows: {speedup:.2f}x faster (target >= 1.8x)"
               + (f", median of {len(ratios)} alternating pairs ({', '.join(f'{x:.2f}' for x in ratios)})"

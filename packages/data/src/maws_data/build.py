@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from maws_data.manifest import (
     write_json,
 )
 from maws_data.plan import Plan, ScanTask, cut, scan
-from maws_data.runner import Runner, RunnerConfig, TaskFailed
+from maws_data.runner import Runner, RunnerConfig, TaskFailed, local_processes
 from maws_data.shards import completed_stats, list_sizes
 from maws_data.sources import SourceConfig, list_files
 from maws_data.textpass import WORK_DIR, safe_key, synset_names, text_pass  # noqa: F401 - safe_key: public API
@@ -144,7 +143,7 @@ class BuildConfig:
 
     @property
     def num_processes(self) -> int:
-        return self.processes or os.cpu_count() or 1
+        return local_processes(self.processes)
 
     def image_config(self, decoder: str) -> ImageConfig:
         return ImageConfig(image_size=self.image_size, jpeg_quality=self.jpeg_quality,

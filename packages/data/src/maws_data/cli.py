@@ -110,12 +110,12 @@ def build(
     import os
 
     from maws_data import WORKER_MODULES
-    from maws_data.runner import TaskFailed, start_early
+    from maws_data.runner import TaskFailed, local_processes, start_early
 
     if s3_endpoint:
         os.environ["MAWS_S3_ENDPOINT"] = s3_endpoint  # before the workers start: they copy the environment
     if runner is Runner.local:
-        start_early(processes or os.cpu_count() or 1, WORKER_MODULES)  # they import while we do, below
+        start_early(local_processes(processes), WORKER_MODULES)  # they import while we do, below
 
     from maws_data.build import BuildConfig, BuildError
     from maws_data.build import build as run_build

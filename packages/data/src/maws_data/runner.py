@@ -69,6 +69,7 @@ class Runner:
         self._remotes: dict[Callable, Any] = {}
         self._warming: list = []  # the warm-up futures (kept so that they are not collected early)
         self._warm_modules: tuple[str, ...] = ()
+        self._preloaded: tuple[str, ...] = ()  # what the current pool's workers were started importing
         self._submitted = 0  # tasks given to the current local pool
 
     def __enter__(self) -> Self:
@@ -122,13 +123,9 @@ class Runner:
         if self.cfg.kind != "local" or self.workers <= 1:
             return
         self._warm_modules = modules
-        early = _early.pop(self.workers, None) if self._pool is None else None
-        if early is not None:
-            self._pool, early_modules, self._warming = early
-            if set(modules) <= set(early_modules):
-                return
         self._local_pool()
-        self._warming = [self._pool.submit(_import, modules) for _ in range(self.workers)]
+        if not set(modules) <= set(self._preloaded):  # an adopted early pool may import them already
+            self._warming = [self._pool.submit(_import, modules) for _ in range(self.workers)]
 
     def _recycle_due(self) -> bool:
         return self.cfg.recycle_tasks > 0 and self._submitted >= self.workers * self.cfg.recycle_tasks
@@ -143,7 +140,10 @@ class Runner:
     def _local_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             early = _early.pop(self.workers, None)
-            self._pool = early[0] if early is not None else _spawn_pool(self.workers)
+            if early is not None:
+                self._pool, self._preloaded, self._warming = early
+            else:
+                self._pool, self._preloaded = _spawn_pool(self.workers), ()
         return self._pool
 
     def _map_local(self, fn: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
@@ -242,6 +242,11 @@ def start_early(processes: int, modules: tuple[str, ...]) -> None:
     if processes > 1 and processes not in _early:
         pool = _spawn_pool(processes)
         _early[processes] = (pool, modules, [pool.submit(_import, modules) for _ in range(processes)])
+
+
+def local_processes(processes: int) -> int:
+    """The local worker count for a `processes` setting: 0 means one per core."""
+    return processes or os.cpu_count() or 1
 
 
 def _spawn_pool(processes: int) -> ProcessPoolExecutor:

@@ -582,8 +582,9 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     known = None
     if warm:
         names = sorted(cached)
-        known = Known(names, [cached[t][0] for t in names])
-        write_bytes(storage.join(work, KNOWN_NAME), _tag_table_bytes(names, [cached[t][0] for t in names]), durable=False)
+        wnids = [cached[t][0] for t in names]
+        known = Known(names, wnids)
+        write_bytes(storage.join(work, KNOWN_NAME), _tag_table_bytes(names, wnids), durable=False)
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
     seen, tag_counts, synset_counts = _Distinct(), _Totals(), _Totals()
