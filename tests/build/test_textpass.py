@@ -97,3 +97,39 @@ def test_mapping_also_caches_synset_names(tmp_path, monkeypatch):
     monkeypatch.setattr(wordnet, "synset_name", lambda w: pytest.fail(f"WordNet asked for {w}"))
     names = textpass.synset_names(wnids, MappingConfig(), str(tmp_path))
     assert names["n02084071"] == "dog.n.01" and set(names) == wnids
+
+
+def test_known_counts_rows_per_cached_tag_and_synset_as_a_plain_count_does():
+    """`Known.count` (the warm scan's integer path) against counting each caption's tag and synset
+    sets in Python, on the real captions, in two halves: the second half's tags were numbered by the
+    first call (ids are per process), and a tag outside the cache makes it return the tags instead."""
+    from maws_data.hashtags import extract_hashtags
+    from maws_data.textpass import Known
+
+    if not CAPTIONS.is_file():
+        pytest.skip(f"real data not found at {CAPTIONS}")
+    captions = pl.read_parquet(CAPTIONS)["caption"]
+    lists = [extract_hashtags(c) for c in captions.to_list()]
+    all_tags = sorted({t for ts in lists for t in ts})
+    # a made-up mapping with tags of 0, 1 and 2 synsets, some shared
+    wnids = [tuple(f"n{(i * 7 + k) % 50:08d}" for k in range(i % 3)) for i in range(len(all_tags))]
+    known = Known(all_tags, wnids)
+    lookup = dict(zip(all_tags, wnids))
+    for part in (slice(0, 1000), slice(1000, None)):
+        got, missing = known.count(captions[part])
+        assert missing == []
+        tag_rows, synset_rows = {}, {}
+        for ts in lists[part]:
+            for t in ts:
+                tag_rows[t] = tag_rows.get(t, 0) + 1
+            for w in {w for t in ts for w in lookup[t]}:
+                synset_rows[w] = synset_rows.get(w, 0) + 1
+        index, rows = got["tags"]
+        assert dict(zip([all_tags[i] for i in index.tolist()], rows.tolist())) == tag_rows
+        index, rows = got["synsets"]
+        assert dict(zip([known.synsets[j] for j in index.tolist()], rows.tolist())) == synset_rows
+        assert len(synset_rows) > 30 and max(synset_rows.values()) > 1
+
+    partial = Known(all_tags[1:], wnids[1:])  # the cache lacks one tag
+    got, tags = partial.count(captions)
+    assert got is None and sorted(tags) == all_tags

@@ -22,7 +22,7 @@ same ~102k captions, so from 10^5 rows on they stay ~28k and the driver's tag ta
     uv run python tools/bench/build_scale.py --rows 1e7 --text-only --repeat 3   # 1, 2, 1, 2, 1, 2: medians
 
 With 1 and 2 processes it also measures this machine's own 2-vs-1 speedup, best of 3, on two kinds
-of work: pure-Python hashtag parsing, and the scan's counting kernel (`mine_counts`: polars regex,
+of work: pure-Python hashtag parsing, and the scan's counting kernel (`Known.count`: polars regex,
 numpy counting; memory-bound, it scales less on a shared VM). A text pass cannot scale better than
 its own kernel does.
 
@@ -253,23 +253,24 @@ def machine_speedup(work=None, repeats: int = 3) -> float:
 
 
 def _counting_work(start_at: float = 0.0) -> tuple[float, float]:
-    """(start, end) wall clock of the text pass's main kernel, as `_python_work`: `mine_counts` (polars
-    regex, the distinct-chunk table, numpy counting) over 4 x 25k captions, a scan unit's size, with a
-    lookup of every tag. Memory-bound work, unlike the pure-Python loop: it shows what the two cores
-    give the scan itself."""
+    """(start, end) wall clock of the text pass's main kernel, as `_python_work`: a warm scan's
+    counting (`textpass.Known.count`: polars regex, the distinct-chunk table, numpy counting) over
+    4 x 25k captions, a scan unit's size, against a cache of every tag. Memory-bound work, unlike the
+    pure-Python loop: it shows what the two cores give the scan itself."""
     from maws_data.hashtags import mine_counts
+    from maws_data.textpass import Known
 
     units = [captions().slice(25_000 * i, 25_000) for i in range(4)]
     tags, _, _ = mine_counts(pl.concat(units))
-    lookup = {t: (t,) for t in tags}
+    known = Known(sorted(tags), [(t,) for t in sorted(tags)])
     for u in units:  # warm: this process's chunk and tag tables, as after a worker's first units
-        mine_counts(u, lookup)
+        known.count(u)
     while time.time() < start_at:
         time.sleep(0.001)
     t0 = time.time()
     for _ in range(PROBE_PASSES // 2):
         for u in units:
-            mine_counts(u, lookup)
+            known.count(u)
     return t0, time.time()
 
 
@@ -313,7 +314,7 @@ def report(runs: list[Run], sizes: list[int], procs: list[int]) -> None:
               + (f", median of {len(ratios)} alternating pairs ({', '.join(f'{x:.2f}' for x in ratios)})"
                  if len(ratios) > 1 else ""))
         print(f"this machine's own 2-vs-1 speedup, measured now (best of 3): {python:.2f}x on pure-Python hashtag "
-              f"parsing, {counting:.2f}x on the scan's counting kernel (mine_counts); the text pass gets "
+              f"parsing, {counting:.2f}x on the scan's counting kernel (Known.count); the text pass gets "
               f"{speedup / counting:.0%} of the latter")
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 

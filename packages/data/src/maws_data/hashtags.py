@@ -27,7 +27,7 @@ import functools
 import itertools
 import re
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -172,36 +172,56 @@ def mine_counts(texts: pl.Series, lookup: Mapping[str, Sequence[str]] | None = N
     counts later, once the missing tags are mapped). Without `lookup`, only the tags are returned.
     """
     import numpy as np
-    import polars as pl
 
-    chunks = texts.cast(pl.String).str.extract_all(CHUNK_PATTERN)
-    n_items = chunks.list.len().fill_null(0).to_numpy().astype(np.int64)
-    items = chunks.explode(empty_as_null=False, keep_nulls=False)
-    if not len(items):
-        return [], ({} if lookup is not None else None), ({} if lookup is not None else None)
-    codes, distinct = _distinct_codes(items)
-    per_chunk = [_chunk_tag_ids(c) for c in distinct]  # ids into _TAG_NAMES, this process's tag table
-    rows = np.repeat(np.arange(len(n_items), dtype=np.int64), n_items)  # the caption of each chunk occurrence
-    pair_rows, pair_tags = _expand_ids(rows, codes, per_chunk)
+    urows, utags = caption_tags(texts)
     n_tags = max(len(_TAG_NAMES), 1)
-    present = np.flatnonzero(np.bincount(pair_tags, minlength=n_tags)) if len(pair_tags) else pair_tags
+    present = np.flatnonzero(np.bincount(utags, minlength=n_tags)) if len(utags) else utags
     tags = [_TAG_NAMES[i] for i in present]
     if lookup is None:
         return tags, None, None
     out_names, per_tag, known = _outputs_of(lookup)
     if require_complete and not known(present).all():
         return tags, None, None
-    uniq = _unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
-    urows, utags = uniq // n_tags, uniq % n_tags
     tag_counts = np.bincount(utags, minlength=n_tags)
     local = np.full(n_tags, -1, np.int64)
     local[present] = np.arange(len(present))
     out_rows, outs = _expand_ids(urows, local[utags], [per_tag(i) for i in present.tolist()])
     n_out = max(len(out_names), 1)
-    uout = _unique_grouped(out_rows * n_out + outs) % n_out
+    uout = unique_grouped(out_rows * n_out + outs) % n_out
     out_counts = np.bincount(uout, minlength=n_out)
     return (tags, dict(zip(tags, tag_counts[present].tolist())),
             {out_names[i]: c for i, c in enumerate(out_counts.tolist()) if c})
+
+
+def caption_tags(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Every (caption index, tag id) pair once, grouped by caption: the distinct hashtags of each
+    caption as integers. Tag ids number the tags this process has met (`tag_name(i)`), so a worker
+    that counts unit after unit turns each distinct chunk into ids once, and callers count with numpy."""
+    import numpy as np
+    import polars as pl
+
+    chunks = texts.cast(pl.String).str.extract_all(CHUNK_PATTERN)
+    n_items = chunks.list.len().fill_null(0).to_numpy().astype(np.int64)
+    items = chunks.explode(empty_as_null=False, keep_nulls=False)
+    if not len(items):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    codes, distinct = _distinct_codes(items)
+    per_chunk = [_chunk_tag_ids(c) for c in distinct]  # ids into _TAG_NAMES, this process's tag table
+    rows = np.repeat(np.arange(len(n_items), dtype=np.int64), n_items)  # the caption of each chunk occurrence
+    pair_rows, pair_tags = _expand_ids(rows, codes, per_chunk)
+    n_tags = max(len(_TAG_NAMES), 1)
+    uniq = unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
+    return uniq // n_tags, uniq % n_tags
+
+
+def tags_met() -> int:
+    """How many tags this process has met: `caption_tags`' ids are 0 .. tags_met() - 1."""
+    return len(_TAG_NAMES)
+
+
+def tag_names(ids: Iterable[int]) -> list[str]:
+    """The tags with these ids (`caption_tags`)."""
+    return [_TAG_NAMES[i] for i in ids]
 
 
 _outputs: dict[int, tuple] = {}
@@ -262,7 +282,7 @@ def _chunk_tag_ids(chunk: str) -> list[int]:
     return out
 
 
-def _unique_grouped(keys):
+def unique_grouped(keys):
     """The distinct values of keys that come grouped by caption (row-major): a stable sort of such
     runs is nearly linear (timsort), several times faster than numpy's hash-based unique."""
     import numpy as np
@@ -279,7 +299,13 @@ def _expand_ids(rows, codes, ragged: list[list[int]]):
 
     lens = np.fromiter(map(len, ragged), np.int64, len(ragged))
     flat = np.fromiter(itertools.chain.from_iterable(ragged), np.int64, int(lens.sum()))  # C-level flatten
-    starts = np.cumsum(lens) - lens
+    return expand_csr(rows, codes, np.cumsum(lens) - lens, lens, flat)
+
+
+def expand_csr(rows, codes, starts, lens, flat):
+    """`_expand_ids` over a table already in arrays: item c's ids are flat[starts[c]:starts[c] + lens[c]]."""
+    import numpy as np
+
     per = lens[codes]
     end = np.cumsum(per)
     total = int(end[-1]) if len(end) else 0

@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maws_data import storage
-from maws_data.hashtags import mine_counts
+from maws_data.hashtags import caption_tags, expand_csr, mine_counts, tag_names, tags_met, unique_grouped
 from maws_data.manifest import read_bytes, write_bytes
 from maws_data.plan import Plan, Span
 from maws_data.sources import SourceConfig, SourceFile, read_rows
@@ -274,16 +274,16 @@ def _usable_text(task: UnitTask) -> tuple[pl.DataFrame, pl.Series]:
 
 def scan_unit(task: UnitTask) -> dict:
     """Round 1 (module docstring). Returns {"tags": distinct hashtags (a Series), "usable": rows, "counts"}:
-    when counted (warm), "counts" is `Known.counts`' pair of (index, rows) arrays and "tags" is None."""
+    when counted (warm), "counts" is `Known.count`'s pair of (index, rows) arrays and "tags" is None."""
     df, captions = _usable_text(task)
     usable = df.filter(pl.col("reason").is_null()).select("row", "key")
     usable = usable.with_columns(safe_keys(usable["key"]).alias("safe"))
     usable = usable.with_columns(_bucket_of(usable["safe"], task.buckets).alias("bucket"))
     write_bytes(_unit_url(task.work, task.unit), _spill_bytes(usable, task.buckets), durable=False)
-    known = _known(task.work, task.fingerprint) if task.warm else None
-    lookup = known.wnids if known is not None else None
-    tags, tag_counts, synset_counts = mine_counts(captions, lookup, require_complete=True)
-    counts = None if tag_counts is None else known.counts(tag_counts, synset_counts)
+    if task.warm:
+        counts, tags = _known(task.work, task.fingerprint).count(captions)
+    else:
+        counts, (tags, _, _) = None, mine_counts(captions)
     # counted: the tags are those with a count (each >= 1), not shipped twice
     tags = None if counts is not None else pl.Series("name", tags, dtype=pl.String)
     return {"tags": tags, "usable": usable.height, "counts": counts}
@@ -427,27 +427,57 @@ class Known:
         self.tag_rows = np.zeros(len(tags), np.int64)  # the driver's sums
         self.synset_rows = np.zeros(len(self.synsets), np.int64)
 
-    # the worker's side only (built on first use: the driver never needs them, ~230 B a tag)
+    # the worker's side only (built on first use: the driver never needs them)
     @functools.cached_property
-    def wnids(self) -> dict[str, tuple[str, ...]]:
-        """hashtag -> wnids: what mine_counts looks tags up in."""
-        return dict(zip(self.tags, self._wnids))
-
-    @functools.cached_property
-    def _indices(self) -> tuple[dict[str, int], dict[str, int]]:
-        return {t: i for i, t in enumerate(self.tags)}, {w: j for j, w in enumerate(self.synsets)}
-
-    def counts(self, tag_counts: dict[str, int], synset_counts: dict[str, int]) -> dict:
-        """A unit's counts as {"tags": (index, rows), "synsets": (index, rows)} arrays (the worker's side)."""
-        tag_index, synset_index = self._indices
-        return {"tags": self._indexed(tag_index, tag_counts), "synsets": self._indexed(synset_index, synset_counts)}
-
-    @staticmethod
-    def _indexed(index: dict[str, int], counts: dict[str, int]):
+    def _synset_table(self):
+        """Tag row -> its synsets' indices, as arrays (start, length, flat), for `expand_csr`."""
         import numpy as np
 
-        n = len(counts)
-        return (np.fromiter(map(index.__getitem__, counts), np.uint32, n), np.fromiter(counts.values(), np.uint32, n))
+        index = {w: j for j, w in enumerate(self.synsets)}
+        lens = np.fromiter(map(len, self._wnids), np.int64, len(self._wnids))
+        flat = np.fromiter((index[w] for ws in self._wnids for w in ws), np.int64, int(lens.sum()))
+        return np.cumsum(lens) - lens, lens, flat
+
+    @functools.cached_property
+    def _row_of(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tags)}
+
+    _rows_of_ids = None  # this process's tag id (hashtags.caption_tags) -> row here, -1 when not cached
+
+    def _rows(self, tag_ids):
+        import numpy as np
+
+        seen = 0 if self._rows_of_ids is None else len(self._rows_of_ids)
+        new = tag_names(range(seen, tags_met()))
+        if new or self._rows_of_ids is None:  # only tags new to this process are looked up by name
+            row_of = self._row_of
+            more = np.fromiter((row_of.get(t, -1) for t in new), np.int64, len(new))
+            self._rows_of_ids = more if self._rows_of_ids is None else np.concatenate([self._rows_of_ids, more])
+        return self._rows_of_ids[tag_ids]
+
+    def count(self, captions: pl.Series) -> tuple[dict | None, list[str]]:
+        """(a unit's counts as {"tags": (index, rows), "synsets": (index, rows)} arrays, []) when the
+        cache holds every tag of `captions`; else (None, the distinct tags). The worker's side: all
+        integer work, a tag's string is looked up once per process."""
+        import numpy as np
+
+        caption, tag_id = caption_tags(captions)
+        rows = self._rows(tag_id)
+        if (rows < 0).any():
+            return None, tag_names(np.unique(tag_id).tolist())
+        tag_rows = np.bincount(rows, minlength=len(self.tags))
+        starts, lens, flat = self._synset_table
+        pair_caption, synset = expand_csr(caption, rows, starts, lens, flat)
+        n = max(len(self.synsets), 1)
+        synset_rows = np.bincount(unique_grouped(pair_caption * n + synset) % n, minlength=len(self.synsets))
+        return {"tags": self._nonzero(tag_rows), "synsets": self._nonzero(synset_rows)}, []
+
+    @staticmethod
+    def _nonzero(rows):
+        import numpy as np
+
+        hit = np.flatnonzero(rows)
+        return hit.astype(np.uint32), rows[hit].astype(np.uint32)
 
     def add(self, counts: dict) -> None:
         """Add a unit's `counts` to the sums (the driver's side); a unit's indices are distinct."""
