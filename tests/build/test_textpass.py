@@ -133,3 +133,19 @@ def test_known_counts_rows_per_cached_tag_and_synset_as_a_plain_count_does():
     partial = Known(all_tags[1:], wnids[1:])  # the cache lacks one tag
     got, tags = partial.count(captions)
     assert got is None and sorted(tags) == all_tags
+
+
+def test_first_distinct_on_hashes_equals_polars_exact_one():
+    """The keys round's `_first_distinct` (hashes first, exact over repeated hashes) against polars'
+    exact `is_first_distinct`, on the real keys with repeats planted before and after their first use."""
+    from maws_data.textpass import _first_distinct
+
+    if not CAPTIONS.is_file():
+        pytest.skip(f"real data not found at {CAPTIONS}")
+    keys = pl.read_parquet(CAPTIONS)["key"]
+    assert _first_distinct(keys).all()
+    mixed = pl.concat([keys.slice(0, 500), keys.slice(100, 50), keys.slice(500, None), keys.slice(0, 3),
+                       keys.slice(2000, 1)])
+    want = mixed.is_first_distinct()
+    assert (~want).sum() == 54
+    assert _first_distinct(mixed).to_list() == want.to_list()

@@ -359,6 +359,18 @@ def _one_table(parts: list[pa.Table]) -> pa.Table:
     return table.combine_chunks() if len(parts) > COMBINE_MIN_CHUNKS else table
 
 
+def _first_distinct(values: pl.Series) -> pl.Series:
+    """`values.is_first_distinct()`, decided on 64-bit hashes first (2-3x faster on 250k keys) and
+    exactly only over the rows whose hash repeats: every repeated value is among them, and a hash
+    collision only adds rows to that exact check."""
+    h = values.hash(seed=0)
+    first = h.is_first_distinct()
+    if first.all():
+        return first
+    suspect = h.is_in(h.filter(~first).implode())
+    return first.scatter(suspect.arg_true(), values.filter(suspect).is_first_distinct())
+
+
 def resolve_keys(task: KeyTask) -> dict:
     """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n, "dup_units": [unit, ...]}."""
     parts = [part for url in _spill_urls(task.work, task.units, task.group)
@@ -370,14 +382,14 @@ def resolve_keys(task: KeyTask) -> dict:
     # arrive sorted; sorting anyway cost ~30 MB of the task's ~80 MB at 250k rows (the worker's peak)
     if not df["row"].is_sorted():
         df = df.sort("row")
-    first = df["key"].is_first_distinct()
+    first = _first_distinct(df["key"])
     dups = df.filter(~first).join(df.filter(first).select("key", pl.col("row").alias("first")), on="key")
     dups = dups.select("row", pl.lit("duplicate_key").alias("reason"), pl.lit(None, pl.String).alias("key"),
                        pl.Series("detail", [f"key {k!r} already used by row {r}"
                                             for k, r in zip(dups["key"].to_list(), dups["first"].to_list())],
                                  dtype=pl.String))
     kept = df if dups.height == 0 else df.filter(first)  # most builds: no duplicate, no copy
-    renamed = kept.filter(~kept["safe"].is_first_distinct()).select(
+    renamed = kept.filter(~_first_distinct(kept["safe"])).select(
         "row", pl.lit(None, pl.String).alias("reason"),
         (pl.col("safe") + "_r" + pl.col("row").cast(pl.String)).alias("key"), pl.lit(None, pl.String).alias("detail"))
     out = pl.concat([_empty_exceptions(), dups.cast(_empty_exceptions().schema),
