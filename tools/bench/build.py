@@ -472,6 +472,19 @@ def report(results: dict[str, Timing], text_pass: float | None) -> None:
               f"{'MET' if ours.per_s >= 3 * base.per_s else 'NOT met'} ({ours.per_s / base.per_s:.2f}x)")
 
 
+def report_pairs(pairs: list[dict[str, Timing]]) -> None:
+    """Each image pass over the floor timed just before it; the median of those ratios."""
+    import statistics
+
+    for name in ("build image pass", "image pass (files)"):
+        ratios = [p["floor (Pillow loop)"].per_s / p[name].per_s for p in pairs if name in p]
+        if ratios:
+            print(f"ratio {name:>17} / floor, median of {len(ratios)} alternating pairs: "
+                  f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
+                  + (f" -> target <= 1.3x {'MET' if statistics.median(ratios) <= 1.3 else 'NOT met'}"
+                     if name == "build image pass" else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with captions.parquet and images/")
@@ -493,6 +506,9 @@ def main() -> None:
     ap.add_argument("--dedup-runs", type=int, default=3, help="builds per dedup mode for --dedup-cost")
     ap.add_argument("--eval", type=Path, default=ROOT.parent / "shared" / "data" / "imagenette" / "val",
                     help="eval set for --dedup-cost's --decontaminate")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="time the floor and our image pass(es) this many times, alternating; the ratio is the "
+                         "median of each pair's (a shared VM's speed drifts by tens of %% within minutes)")
     ap.add_argument("--images-stage", action="store_true",
                     help="also time maws_data.images alone (download+decode+resize+encode) in a process pool")
     args = ap.parse_args()
@@ -502,12 +518,15 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="maws-bench-build-"))
     server, base_url = start_server(args.data, args.server)
     results: dict[str, Timing] = {}
+    pairs: list[dict[str, Timing]] = []  # --pairs: the runs after the first
     text_pass = None
     try:
         urls, source, n = make_inputs(args.data, base_url, args.repeat, work)
         warm_urls, warm_source, _ = make_inputs(args.data, base_url, 1, work / "warm", limit=100)
         print(f"{n} images served from {base_url}; {args.processes} processes; shorter side {args.image_size}",
               flush=True)
+        if args.files:
+            _, files_source, _ = make_inputs(args.data, base_url, args.repeat, work / "files", files=True)
         results["floor (Pillow loop)"] = run_floor(args.data, args, args.repeat, work)
         if not args.skip_img2dataset:
             run_img2dataset(warm_urls, work / "i2d-warm", args, server.pid)  # untimed: uvx env, imports
@@ -519,8 +538,14 @@ def main() -> None:
         if args.images_stage:
             results["images stage only"] = run_images_stage(source, args, server.pid)
         if args.files:
-            _, files_source, _ = make_inputs(args.data, base_url, args.repeat, work / "files", files=True)
             _, _, results["image pass (files)"] = run_ours(files_source, work / "ours-files", args, server.pid)
+        for _ in range(args.pairs - 1):  # more (floor, image pass) pairs, back to back
+            pairs.append({"floor (Pillow loop)": run_floor(args.data, args, args.repeat, work)})
+            if not args.skip_ours:
+                pairs[-1]["build image pass"] = run_ours(source, work / "ours", args, server.pid)[2]
+            if args.files:
+                pairs[-1]["image pass (files)"] = run_ours(files_source, work / "ours-files", args, server.pid)[2]
+            print("  pair " + ", ".join(f"{k} {t.wall_s:.2f} s" for k, t in pairs[-1].items()), flush=True)
         if args.dedup_cost:
             results["floor + hashes"] = run_floor(args.data, args, args.repeat, work, hashes=True)
             cost = run_dedup_cost(args.data, args, server.pid, work)
@@ -530,6 +555,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     hashed = results.pop("floor + hashes", None)
     report(results, text_pass)
+    if pairs:
+        report_pairs([{k: results[k] for k in pairs[0] if k in results}] + pairs)
     if args.dedup_cost:
         report_dedup_cost(cost, results["floor (Pillow loop)"], hashed)
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
