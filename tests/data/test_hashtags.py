@@ -91,3 +91,41 @@ def test_hash_collision_falls_back_to_exact_codes(monkeypatch, tweets):
     monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series([0] * len(self), dtype=pl.UInt64))
     sample = tweets[:300]
     assert extract_hashtags_batch(sample) == [extract_hashtags(t) for t in sample]
+
+
+def _tag_sets(texts):
+    """caption_tags' pairs as {caption: set of tag names}."""
+    from maws_data.hashtags import caption_tags, tag_names
+
+    caption, tag = caption_tags(pl.Series(texts, dtype=pl.String))
+    out: dict[int, set] = {}
+    for c, t in zip(caption.tolist(), tag_names(tag.tolist())):
+        out.setdefault(c, set()).add(t)
+    return out, caption
+
+
+def test_caption_tags_are_each_captions_distinct_tags(monkeypatch, tweets):
+    """Against the per-caption path, with a chunk table that fills, starts over, and is bypassed for
+    a batch with more distinct chunks than it may hold: the table's size says which path ran."""
+    from maws_data import hashtags
+
+    monkeypatch.setattr(hashtags, "_chunks", [])  # a fresh chunk table
+    monkeypatch.setattr(hashtags, "CHUNK_TABLE_MAX", 500)
+    # tweets[:300] have 322 distinct chunks, [300:600] 365 (674 together), [:2000] 2,174
+    for part, table_size in ((tweets[:300], 322), (tweets[300:600], 365), (tweets[:2000], 365)):
+        got, caption = _tag_sets(part)
+        want = {i: set(extract_hashtags(t)) for i, t in enumerate(part) if extract_hashtags(t)}
+        assert got == want and len(want) > 100
+        assert (caption[1:] >= caption[:-1]).all()  # grouped by caption
+        assert len(hashtags._chunk_table().texts) == table_size
+
+
+def test_caption_tags_exact_when_chunk_hashes_collide(monkeypatch, tweets):
+    from maws_data import hashtags
+
+    monkeypatch.setattr(hashtags, "_chunks", [])
+    _tag_sets(tweets[:200])  # the table holds real hashes
+    monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series([0] * len(self), dtype=pl.UInt64))
+    sample = tweets[200:500]
+    got, _ = _tag_sets(sample)
+    assert got == {i: set(extract_hashtags(t)) for i, t in enumerate(sample) if extract_hashtags(t)}

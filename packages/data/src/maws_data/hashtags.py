@@ -205,13 +205,103 @@ def caption_tags(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     items = chunks.explode(empty_as_null=False, keep_nulls=False)
     if not len(items):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    codes, distinct = _distinct_codes(items)
-    per_chunk = [_chunk_tag_ids(c) for c in distinct]  # ids into _TAG_NAMES, this process's tag table
     rows = np.repeat(np.arange(len(n_items), dtype=np.int64), n_items)  # the caption of each chunk occurrence
-    pair_rows, pair_tags = _expand_ids(rows, codes, per_chunk)
+    table = _chunk_table()
+    codes = table.codes(items)
+    if codes is not None:
+        pair_rows, pair_tags = expand_csr(rows, codes, *table.tag_ids)
+    else:  # a 64-bit hash collision between two chunks: number this unit's chunks by their text
+        codes, distinct = _distinct_codes(items)
+        pair_rows, pair_tags = _expand_ids(rows, codes, [_chunk_tag_ids(c) for c in distinct])
     n_tags = max(len(_TAG_NAMES), 1)
     uniq = unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
     return uniq // n_tags, uniq % n_tags
+
+
+CHUNK_TABLE_MAX = 1 << 19  # distinct chunks a process keeps in _ChunkTable (~40 MB); past it, it starts over
+
+
+class _ChunkTable:
+    """Every distinct chunk this process has parsed, with its tag ids (`_chunk_tag_ids`), found by
+    the 64-bit hash of its text with numpy: a unit's ~80k chunk occurrences become chunk ids with no
+    Python call each, and only chunks new to the process are parsed. Exact: the found chunks' texts
+    are compared with the occurrences' (`codes` returns None on a collision; callers fall back).
+    Memory: O(distinct chunks met), at most CHUNK_TABLE_MAX (then the table is emptied; tag ids stay)."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        import numpy as np
+        import polars as pl
+
+        self.hashes = np.zeros(0, np.uint64)  # sorted
+        self.ids = np.zeros(0, np.int64)  # the chunk id at each sorted position
+        self.lens = np.zeros(0, np.int64)  # chunk id -> its tag ids: flat[starts[c]:starts[c] + lens[c]]
+        self.flat = np.zeros(0, np.int64)
+        self.starts = np.zeros(0, np.int64)
+        self.texts = pl.Series("chunk", [], dtype=pl.String)  # by chunk id
+
+    @property
+    def tag_ids(self):
+        return self.starts, self.lens, self.flat
+
+    def codes(self, items: pl.Series):
+        """The chunk id of every occurrence in `items` (parsing the new chunks); None on a hash
+        collision, or when `items` alone holds more distinct chunks than the table may."""
+        import numpy as np
+        import polars as pl
+
+        h = items.hash(seed=0).to_numpy()
+        pos, hit = self._find(h)
+        if not hit.all():
+            new_hashes, first = np.unique(h[~hit], return_index=True)  # sorted
+            if len(new_hashes) > CHUNK_TABLE_MAX:
+                return None  # more distinct chunks than the table may hold
+            if len(self.texts) + len(new_hashes) > CHUNK_TABLE_MAX:
+                self.clear()
+                return self.codes(items)
+            self._add(items.filter(pl.Series(~hit)).gather(first), new_hashes)
+            pos, hit = self._find(h)
+        codes = self.ids[pos]
+        if not (self.texts.gather(codes) == items).all():
+            return None
+        return codes
+
+    def _find(self, h):
+        import numpy as np
+
+        pos = np.searchsorted(self.hashes, h)
+        pos[pos == len(self.hashes)] = 0
+        hit = self.hashes[pos] == h if len(self.hashes) else np.zeros(len(h), bool)
+        return pos, hit
+
+    def _add(self, texts: pl.Series, new_hashes) -> None:
+        """Parse and insert chunks new to the table (their sorted hashes, and their texts in that order)."""
+        import numpy as np
+
+        ids = [_chunk_tag_ids(t) for t in texts.to_list()]
+        lens = np.fromiter(map(len, ids), np.int64, len(ids))
+        base = len(self.texts)
+        at = np.searchsorted(self.hashes, new_hashes)
+        self.hashes = np.insert(self.hashes, at, new_hashes)
+        self.ids = np.insert(self.ids, at, np.arange(base, base + len(ids)))
+        self.starts = np.concatenate([self.starts, len(self.flat) + np.cumsum(lens) - lens])
+        self.lens = np.concatenate([self.lens, lens])
+        self.flat = np.concatenate([self.flat, np.fromiter(itertools.chain.from_iterable(ids), np.int64,
+                                                           int(lens.sum()))])
+        self.texts = self.texts.append(texts)
+        if self.texts.n_chunks() > 64:  # gathers from many small chunks get slow
+            self.texts = self.texts.rechunk()
+
+
+_chunks: list[_ChunkTable] = []  # made on first use: importing this module imports no numpy or polars
+
+
+def _chunk_table() -> _ChunkTable:
+    if not _chunks:
+        _chunks.append(_ChunkTable())
+    return _chunks[0]
 
 
 def tags_met() -> int:
