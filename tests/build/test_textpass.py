@@ -149,3 +149,53 @@ def test_first_distinct_on_hashes_equals_polars_exact_one():
     want = mixed.is_first_distinct()
     assert (~want).sum() == 54
     assert _first_distinct(mixed).to_list() == want.to_list()
+
+
+def test_many_new_tags_are_mapped_on_the_runner(text_source, tmp_path, monkeypatch):
+    """Past MAP_MIN_TAGS new tags, the mapping round maps them (and names their synsets) on the
+    workers: the driver never touches WordNet, and the vocabulary is the reference's."""
+    from maws_data import textpass, wordnet
+
+    want_vocab, want_map = reference(text_source, min_count=3)
+    monkeypatch.setattr(textpass, "MAP_MIN_TAGS", 1)
+    monkeypatch.setattr(textpass, "MAP_TASK_TAGS", 700)  # ~7 tasks over the sample's tags
+    tasks = []
+    from maws_data import runner as runner_mod
+
+    real_map = runner_mod.Runner.map
+
+    def spy(self, fn, items, **kw):
+        items = list(items)
+        if fn is textpass.map_chunk:
+            tasks.extend(items)
+        return real_map(self, fn, items, **kw)
+
+    monkeypatch.setattr(runner_mod.Runner, "map", spy)
+    monkeypatch.setattr(wordnet, "HashtagMapper", lambda *a: pytest.fail("the driver mapped a tag"))
+    monkeypatch.setattr(wordnet, "synset_name", lambda w: pytest.fail(f"the driver named {w}"))
+    out = build(BuildConfig(source=str(text_source), out=str(tmp_path / "out"), image_size=64, shard_size=50,
+                            min_count=3, decoder="pil", progress=False, processes=2,
+                            mapping_cache=str(tmp_path / "cache")))
+    assert (out / "vocabulary.tsv").read_text() == want_vocab
+    assert (out / "hashtag_map.tsv").read_text() == want_map
+    n_tags = sum(len(t.tags) for t in tasks)
+    assert len(tasks) >= 5 and n_tags == len({t for task in tasks for t in task.tags}) > 3000
+
+
+def test_tags_a_worker_cannot_map_are_mapped_in_the_driver(text_source, tmp_path, monkeypatch, capfd):
+    """Workers whose NLTK_DATA holds no WordNet (a Ray node without it) hand their tags back."""
+    from maws_data import textpass
+    from maws_data.wordnet import load_wordnet
+
+    load_wordnet()  # this process has WordNet; the workers started below will not
+    want_vocab, want_map = reference(text_source, min_count=3)
+    monkeypatch.setattr(textpass, "MAP_MIN_TAGS", 1)
+    monkeypatch.setattr(textpass, "MAP_TASK_TAGS", 2000)
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "no-wordnet"))
+    out = build(BuildConfig(source=str(text_source), out=str(tmp_path / "out"), image_size=64, shard_size=50,
+                            min_count=3, decoder="pil", progress=False, processes=2,
+                            mapping_cache=str(tmp_path / "cache")))
+    assert (out / "vocabulary.tsv").read_text() == want_vocab
+    assert (out / "hashtag_map.tsv").read_text() == want_map
+    err = capfd.readouterr().err
+    assert "new hashtags are mapped in the driver: a worker could not load WordNet" in err

@@ -29,12 +29,16 @@ each reading its own rows; the driver only merges per-task results:
    round 3 then runs only for the units that had an unknown tag, and, to subtract their
    contribution, for counted units that hold a duplicate row.
 
-The driver maps tags with `maws_data.wordnet.HashtagMapper`; a mapping cache (a parquet file per
-mapping configuration, under `mapping_cache`, default ~/.cache/maws-data/hashtag-maps) keeps every
-tag it has mapped, so a rerun, a resume or a larger build only maps tags it has never seen.
+Tags are mapped with `maws_data.wordnet.HashtagMapper` (~0.5 ms a tag); a mapping cache (a parquet
+file per mapping configuration, under `mapping_cache`, default ~/.cache/maws-data/hashtag-maps) keeps
+every tag it has mapped, so a rerun, a resume or a larger build only maps tags it has never seen.
+The driver maps up to MAP_MIN_TAGS new tags itself; more go to a mapping round (2b) on the runner,
+MAP_TASK_TAGS per task, each worker loading WordNet once (~150 MB) and returning the tags' wnids,
+rules and synset names (10^7 new tags: ~1.4 h of one core, spread over the cluster). A worker that
+cannot load WordNet (a Ray node without it) hands its tags back for the driver to map.
 
 Memory: a worker holds one text unit (or one key bucket, or one merge group's spill bytes, twice:
-~40 MB at GROUP_ROWS), and when warm the shipped mapping cache;
+~40 MB at GROUP_ROWS, or WordNet and one mapping task's tags), and when warm the shipped mapping cache;
 the driver holds the distinct hashtags and their counts, the synset counts, and when warm the
 mapping cache with a dense count per cached tag and synset (`Known`).
 """
@@ -47,9 +51,11 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -69,6 +75,8 @@ GROUP_ROWS = 500_000  # rows per merged spill: bounds the memory of one merge ta
 WORK_DIR = "_work"
 TAGS_NAME = "tags.parquet"
 KNOWN_NAME = "known.parquet"
+MAP_MIN_TAGS = 20_000  # fewer new tags than this are mapped in the driver: a worker loading WordNet costs ~3 s
+MAP_TASK_TAGS = 10_000  # new tags per mapping task (~5 s of HashtagMapper.explain at ~0.5 ms a tag)
 WARM_MAX_TAGS = 5_000_000  # a larger mapping cache is not shipped to every worker (memory); counting then waits for round 3
 
 
@@ -651,7 +659,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         exceptions |= bool(res["duplicates"] or res["renamed"])
         dup_units.update(res["dup_units"])
     distinct = seen.result() | tag_counts.names()  # before round 3 subtracts duplicates: every tag seen
-    mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached)
+    mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached, runner=runner)
     mapped = sorted(t for t in distinct if mapping[t][0])
     write_bytes(storage.join(work, TAGS_NAME), _tag_table_bytes(mapped, [mapping[t][0] for t in mapped]), durable=False)
     # counted in the scan: subtract their duplicate rows; not counted yet: count without them
@@ -726,13 +734,80 @@ def load_mapping_cache(mapping_cfg, cache_dir: str | None) -> dict[str, tuple[tu
         return {}
 
 
-def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
-             cached: dict[str, tuple[tuple[str, ...], str]] | None = None
-             ) -> tuple[dict[str, tuple[tuple[str, ...], str]], int]:
-    """{tag: (wnids, rule)} for every tag given, and how many had to be mapped now (not cached).
-    `cache_dir` "" disables the cache; None is the default folder; `cached`: the cache, already loaded."""
+@dataclass(frozen=True)
+class MapTask:
+    index: int
+    tags: tuple[str, ...]  # up to MAP_TASK_TAGS new tags
+    mapping: Any  # wordnet.MappingConfig
+
+    @property
+    def rows(self) -> int:
+        return 0
+
+    def name(self) -> str:
+        return f"map tags {self.index} ({len(self.tags)} tags from {self.tags[0]!r})"
+
+
+_mapper: dict = {}
+
+
+def map_chunk(task: MapTask) -> dict:
+    """Round 2b (many new tags only): `HashtagMapper.explain` for a slice of the tags no cache knew,
+    and the names of the synsets they map to. Returns {"wnids": [...], "rules": [...]} in the
+    task's tag order and {"names": {wnid: name}}, or {"error": why} when this worker cannot load
+    WordNet (a Ray node without it): the driver then maps those tags itself."""
+    from maws_data.wordnet import HashtagMapper, WordNetMissingError, synset_name
+
+    try:
+        if task.mapping not in _mapper:
+            _mapper.clear()
+            _mapper[task.mapping] = HashtagMapper(task.mapping)
+    except WordNetMissingError as e:
+        return {"error": str(e).splitlines()[0]}
+    mapper = _mapper[task.mapping]
+    explained = [mapper.explain(t) for t in task.tags]
+    mapper.forget()  # the worker keeps WordNet, not the tags
+    wnids = [tuple(w) for w, _ in explained]
+    return {"wnids": wnids, "rules": [r for _, r in explained],
+            "names": {w: synset_name(w) for w in sorted({w for ws in wnids for w in ws})}}
+
+
+def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[tuple[str, ...], str]], dict[str, str]]:
+    """{tag: (wnids, rule)} for tags no cache knew, and the synset names found on the way: on the
+    runner's workers when there are many (round 2b), else here."""
     from maws_data.wordnet import HashtagMapper
 
+    out: dict[str, tuple[tuple[str, ...], str]] = {}
+    names: dict[str, str] = {}
+    left = todo
+    if runner is not None and len(todo) >= MAP_MIN_TAGS:
+        tasks = [MapTask(i, tuple(todo[a:a + MAP_TASK_TAGS]), mapping_cfg)
+                 for i, a in enumerate(range(0, len(todo), MAP_TASK_TAGS))]
+        left, why = [], ""
+        for task, res in runner.map(map_chunk, tasks, desc="text: map"):
+            if "error" in res:
+                left.extend(task.tags)
+                why = res["error"]
+                continue
+            out.update(zip(task.tags, zip(res["wnids"], res["rules"])))
+            names.update(res["names"])
+        if left:
+            print(f"text pass: {len(left)} of {len(todo)} new hashtags are mapped in the driver: a worker could "
+                  f"not load WordNet ({why})", file=sys.stderr)
+    if left:
+        mapper = HashtagMapper(mapping_cfg)
+        for t in left:
+            w, rule = mapper.explain(t)
+            out[t] = (tuple(w), rule)
+    return out, names
+
+
+def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
+             cached: dict[str, tuple[tuple[str, ...], str]] | None = None, runner=None
+             ) -> tuple[dict[str, tuple[tuple[str, ...], str]], int]:
+    """{tag: (wnids, rule)} for every tag given, and how many had to be mapped now (not cached).
+    `cache_dir` "" disables the cache; None is the default folder; `cached`: the cache, already loaded;
+    `runner`: where to map many new tags (`_explain_all`)."""
     tags = set(tags)
     cache_path = _cache_path(mapping_cfg, cache_dir)
     if cached is None:
@@ -740,10 +815,8 @@ def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
     todo = sorted(tags - cached.keys())
     out = {t: cached[t] for t in tags if t in cached}
     if todo:
-        mapper = HashtagMapper(mapping_cfg)
-        for t in todo:
-            w, rule = mapper.explain(t)
-            out[t] = (tuple(w), rule)
+        explained, found_names = _explain_all(todo, mapping_cfg, runner)
+        out.update(explained)
         if cache_path is not None:
             merged = {**cached, **{t: out[t] for t in todo}}
             names = sorted(merged)
@@ -760,13 +833,15 @@ def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
             # the names of the new tags' synsets too, while WordNet is loaded for the mapping: else a
             # later warm build whose larger counts lift another synset over min_count loads WordNet
             # (~3 s and ~150 MB of the driver) to name it
-            synset_names({w for t in todo for w in out[t][0]}, mapping_cfg, cache_dir)
+            synset_names({w for t in todo for w in out[t][0]}, mapping_cfg, cache_dir, found=found_names)
     return out, len(todo)
 
 
-def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None) -> dict[str, str]:
+def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None, *,
+                 found: dict[str, str] | None = None) -> dict[str, str]:
     """wnid -> synset name ("dog.n.01"), through the same cache (filled by `map_tags` for every synset
-    it maps to): a warm build never loads WordNet (reading it costs ~3-10 s and ~150 MB)."""
+    it maps to): a warm build never loads WordNet (reading it costs ~3-10 s and ~150 MB). `found`:
+    names already looked up elsewhere (the mapping round's workers)."""
     from maws_data.wordnet import synset_name
 
     wnids = set(wnids)
@@ -778,8 +853,9 @@ def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None) -> di
             known = dict(zip(df["wnid"].to_list(), df["name"].to_list()))
         except Exception:  # noqa: BLE001 - a broken cache is only a slower build
             known = {}
+    known.update(found or {})
     todo = sorted(wnids - known.keys())
-    if todo:
+    if todo or found:
         known.update((w, synset_name(w)) for w in todo)
         if path is not None:
             names = sorted(known)

@@ -233,6 +233,10 @@ class HashtagMapper:
         """Number of distinct tags resolved so far (the cache size)."""
         return len(self._cache)
 
+    def forget(self) -> None:
+        """Drop the tags resolved so far: a long-lived worker's mapper then holds one task's tags."""
+        self._cache.clear()
+
     def map(self, tag: str) -> list[str]:
         """wnids of one hashtag ([] when excluded or unmapped)."""
         return list(self.explain(tag)[0])
