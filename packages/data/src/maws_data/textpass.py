@@ -76,7 +76,7 @@ WORK_DIR = "_work"
 TAGS_NAME = "tags.parquet"
 KNOWN_NAME = "known.parquet"
 MAP_MIN_TAGS = 20_000  # fewer new tags than this are mapped in the driver: a worker loading WordNet costs ~3 s
-MAP_TASK_TAGS = 10_000  # new tags per mapping task (~5 s of HashtagMapper.explain at ~0.5 ms a tag)
+MAP_TASK_TAGS = 10_000  # new tags per mapping task at most (~5 s of HashtagMapper.explain at ~0.5 ms a tag)
 WARM_MAX_TAGS = 5_000_000  # a larger mapping cache is not shipped to every worker (memory); counting then waits for round 3
 
 
@@ -781,8 +781,9 @@ def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[
     names: dict[str, str] = {}
     left = todo
     if runner is not None and len(todo) >= MAP_MIN_TAGS:
-        tasks = [MapTask(i, tuple(todo[a:a + MAP_TASK_TAGS]), mapping_cfg)
-                 for i, a in enumerate(range(0, len(todo), MAP_TASK_TAGS))]
+        # at least 4 tasks a worker, so that they finish together (a task is seconds of one core)
+        per = max(1, min(MAP_TASK_TAGS, math.ceil(len(todo) / (4 * runner.workers))))
+        tasks = [MapTask(i, tuple(todo[a:a + per]), mapping_cfg) for i, a in enumerate(range(0, len(todo), per))]
         left, why = [], ""
         for task, res in runner.map(map_chunk, tasks, desc="text: map"):
             if "error" in res:
