@@ -99,13 +99,18 @@ def test_mapping_also_caches_synset_names(tmp_path, monkeypatch):
     assert names["n02084071"] == "dog.n.01" and set(names) == wnids
 
 
-def test_known_counts_rows_per_cached_tag_and_synset_as_a_plain_count_does():
+@pytest.mark.parametrize("tag_table_max", [1 << 20, 300])  # 300: the process renumbers its tags between calls
+def test_known_counts_rows_per_cached_tag_and_synset_as_a_plain_count_does(monkeypatch, tag_table_max):
     """`Known.count` (the warm scan's integer path) against counting each caption's tag and synset
     sets in Python, on the real captions, in two halves: the second half's tags were numbered by the
-    first call (ids are per process), and a tag outside the cache makes it return the tags instead."""
-    from maws_data.hashtags import extract_hashtags
+    first call (ids are per process) or, with a small tag table, renumbered from scratch; a tag
+    outside the cache makes it return the tags instead."""
+    from maws_data import hashtags
+    from maws_data.hashtags import extract_hashtags, tag_generation
     from maws_data.textpass import Known
 
+    monkeypatch.setattr(hashtags, "TAG_TABLE_MAX", tag_table_max)
+    generation = tag_generation()
     if not CAPTIONS.is_file():
         pytest.skip(f"real data not found at {CAPTIONS}")
     captions = pl.read_parquet(CAPTIONS)["caption"]
@@ -113,7 +118,7 @@ def test_known_counts_rows_per_cached_tag_and_synset_as_a_plain_count_does():
     all_tags = sorted({t for ts in lists for t in ts})
     # a made-up mapping with tags of 0, 1 and 2 synsets, some shared
     wnids = [tuple(f"n{(i * 7 + k) % 50:08d}" for k in range(i % 3)) for i in range(len(all_tags))]
-    known = Known(all_tags, wnids)
+    known = Known.of(all_tags, wnids)
     lookup = dict(zip(all_tags, wnids))
     for part in (slice(0, 1000), slice(1000, None)):
         got, missing = known.count(captions[part])
@@ -130,9 +135,10 @@ def test_known_counts_rows_per_cached_tag_and_synset_as_a_plain_count_does():
         assert dict(zip([known.synsets[j] for j in index.tolist()], rows.tolist())) == synset_rows
         assert len(synset_rows) > 30 and max(synset_rows.values()) > 1
 
-    partial = Known(all_tags[1:], wnids[1:])  # the cache lacks one tag
+    partial = Known.of(all_tags[1:], wnids[1:])  # the cache lacks one tag
     got, tags = partial.count(captions)
     assert got is None and sorted(tags) == all_tags
+    assert (tag_generation() > generation) == (tag_table_max == 300)
 
 
 def test_first_distinct_on_hashes_equals_polars_exact_one():

@@ -262,7 +262,7 @@ def _counting_work(start_at: float = 0.0) -> tuple[float, float]:
 
     units = [captions().slice(25_000 * i, 25_000) for i in range(4)]
     tags, _, _ = mine_counts(pl.concat(units))
-    known = Known(sorted(tags), [(t,) for t in sorted(tags)])
+    known = Known.of(sorted(tags), [(t,) for t in sorted(tags)])
     for u in units:  # warm: this process's chunk and tag tables, as after a worker's first units
         known.count(u)
     while time.time() < start_at:

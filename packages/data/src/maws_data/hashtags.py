@@ -200,6 +200,7 @@ def caption_tags(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
     import polars as pl
 
+    _bound_tag_table()
     chunks = texts.cast(pl.String).str.extract_all(CHUNK_PATTERN)
     n_items = chunks.list.len().fill_null(0).to_numpy().astype(np.int64)
     items = chunks.explode(empty_as_null=False, keep_nulls=False)
@@ -280,7 +281,9 @@ class _ChunkTable:
         """Parse and insert chunks new to the table (their sorted hashes, and their texts in that order)."""
         import numpy as np
 
-        ids = [_chunk_tag_ids(t) for t in texts.to_list()]
+        # parsed without chunk_tags' cache: the table holds these chunks from now on, and the
+        # cache would keep a second copy of each (~250 B) for nothing
+        ids = [_chunk_tag_ids(t, parse=chunk_tags.__wrapped__) for t in texts.to_list()]
         lens = np.fromiter(map(len, ids), np.int64, len(ids))
         base = len(self.texts)
         at = np.searchsorted(self.hashes, new_hashes)
@@ -355,15 +358,35 @@ def _outputs_of(lookup: Mapping[str, Sequence[str]]):
     return _outputs[key][1], _outputs[key][2], _outputs[key][3]
 
 
+TAG_TABLE_MAX = 1 << 20  # distinct tags a process numbers (~150 MB of Python strings); past it, it starts over
 _TAG_IDS: dict[str, int] = {}
 _TAG_NAMES: list[str] = []
+_generation = [0]  # bumped whenever the numbering starts over: ids from before mean nothing after
 
 
-@lru_cache(maxsize=1 << 20)
-def _chunk_tag_ids(chunk: str) -> list[int]:
-    """`chunk_tags` as ids into this process's table of every tag seen (so a chunk met again costs one lookup)."""
+def tag_generation() -> int:
+    """Which numbering `caption_tags`' tag ids are in; it changes when the table starts over."""
+    return _generation[0]
+
+
+def _bound_tag_table() -> None:
+    """Start the process's tag numbering over once it holds TAG_TABLE_MAX tags, and with it every
+    cache that holds tag ids: a worker's memory then does not grow with the distinct tags of a
+    whole build. Called between units only, never while ids are in use."""
+    if len(_TAG_NAMES) < TAG_TABLE_MAX:
+        return
+    _TAG_IDS.clear()
+    _TAG_NAMES.clear()
+    _chunk_table().clear()
+    _outputs.clear()
+    _generation[0] += 1
+
+
+def _chunk_tag_ids(chunk: str, *, parse: Callable[[str], tuple[str, ...]] = chunk_tags) -> list[int]:
+    """`chunk_tags` as ids into this process's table of every tag seen. Not cached itself: the chunk
+    table (`_ChunkTable`) keeps each chunk's ids, and only its rare fallback comes here twice."""
     out = []
-    for t in chunk_tags(chunk):
+    for t in parse(chunk):
         i = _TAG_IDS.get(t)
         if i is None:
             i = _TAG_IDS[t] = len(_TAG_NAMES)

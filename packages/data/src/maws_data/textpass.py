@@ -62,7 +62,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maws_data import storage
-from maws_data.hashtags import caption_tags, expand_csr, mine_counts, tag_names, tags_met, unique_grouped
+from maws_data.hashtags import (
+    caption_tags,
+    expand_csr,
+    mine_counts,
+    tag_generation,
+    tag_names,
+    tags_met,
+    unique_grouped,
+)
 from maws_data.manifest import read_bytes, write_bytes
 from maws_data.plan import Plan, Span
 from maws_data.sources import SourceConfig, SourceFile, read_rows
@@ -436,16 +444,24 @@ class Known:
     an entry instead of ~30, and the driver adds them into two dense arrays, so it unpickles no
     string and merges nothing with polars (that merge and the larger results cost the driver
     ~0.9 s of CPU in a 2-process scan at 10^7 rows, on the cores the workers need).
-    Memory: O(tags in the cache), in the driver and in each worker."""
+    Memory: O(tags in the cache), in the driver and in each worker, as Arrow columns and numpy
+    arrays (~40 B a tag plus its wnids' bytes): no Python object per tag."""
 
-    def __init__(self, tags: list[str], wnids: list[tuple[str, ...]]):
+    def __init__(self, table: pa.Table):
+        """`table`: (hashtag, wnids) sorted by hashtag, as `_hashtag_table` makes it."""
         import numpy as np
 
-        self.tags = tags
-        self._wnids = wnids
-        self.synsets = sorted({w for ws in wnids for w in ws})
-        self.tag_rows = np.zeros(len(tags), np.int64)  # the driver's sums
+        df = pl.from_arrow(table)
+        self.tags: pl.Series = df["hashtag"]
+        self._wnids: pl.Series = df["wnids"]
+        self.synsets: pl.Series = self._wnids.explode().drop_nulls().unique().sort()
+        self.tag_rows = np.zeros(len(self.tags), np.int64)  # the driver's sums
         self.synset_rows = np.zeros(len(self.synsets), np.int64)
+
+    @classmethod
+    def of(cls, tags: list[str], wnids: list) -> Known:
+        """From Python lists (sorted tags)."""
+        return cls(_hashtag_table(tags, wnids))
 
     # the worker's side only (built on first use: the driver never needs them)
     @functools.cached_property
@@ -453,26 +469,24 @@ class Known:
         """Tag row -> its synsets' indices, as arrays (start, length, flat), for `expand_csr`."""
         import numpy as np
 
-        index = {w: j for j, w in enumerate(self.synsets)}
-        lens = np.fromiter(map(len, self._wnids), np.int64, len(self._wnids))
-        flat = np.fromiter((index[w] for ws in self._wnids for w in ws), np.int64, int(lens.sum()))
+        lens = self._wnids.list.len().to_numpy().astype(np.int64)
+        flat = self.synsets.search_sorted(self._wnids.explode().drop_nulls()).to_numpy().astype(np.int64)
         return np.cumsum(lens) - lens, lens, flat
 
-    @functools.cached_property
-    def _row_of(self) -> dict[str, int]:
-        return {t: i for i, t in enumerate(self.tags)}
-
     _rows_of_ids = None  # this process's tag id (hashtags.caption_tags) -> row here, -1 when not cached
+    _generation = -1  # hashtags.tag_generation() when _rows_of_ids was started
 
     def _rows(self, tag_ids):
         import numpy as np
 
-        seen = 0 if self._rows_of_ids is None else len(self._rows_of_ids)
-        new = tag_names(range(seen, tags_met()))
-        if new or self._rows_of_ids is None:  # only tags new to this process are looked up by name
-            row_of = self._row_of
-            more = np.fromiter((row_of.get(t, -1) for t in new), np.int64, len(new))
-            self._rows_of_ids = more if self._rows_of_ids is None else np.concatenate([self._rows_of_ids, more])
+        if self._generation != tag_generation():  # the process renumbered its tags
+            self._rows_of_ids, self._generation = np.zeros(0, np.int64), tag_generation()
+        new = tag_names(range(len(self._rows_of_ids), tags_met()))
+        if new:  # only tags new to this process are looked up, by binary search in the sorted table
+            probe = pl.Series(new, dtype=pl.String)
+            at = np.minimum(self.tags.search_sorted(probe).to_numpy().astype(np.int64), max(len(self.tags) - 1, 0))
+            found = (self.tags.gather(at) == probe).to_numpy() if len(self.tags) else np.zeros(len(new), bool)
+            self._rows_of_ids = np.concatenate([self._rows_of_ids, np.where(found, at, -1)])
         return self._rows_of_ids[tag_ids]
 
     def count(self, captions: pl.Series) -> tuple[dict | None, list[str]]:
@@ -511,7 +525,7 @@ class Known:
         out = []
         for names, rows in ((self.tags, self.tag_rows), (self.synsets, self.synset_rows)):
             hit = np.flatnonzero(rows)
-            out.append(pl.DataFrame({"name": [names[i] for i in hit.tolist()], "count": rows[hit]},
+            out.append(pl.DataFrame({"name": names.gather(hit), "count": rows[hit]},
                                     schema={"name": pl.String, "count": pl.Int64}))
         return out[0], out[1]
 
@@ -524,8 +538,7 @@ def _known(work: str, fingerprint: str) -> Known:
     key = (work, fingerprint)
     if key not in _known_table:
         _known_table.clear()
-        table = pq.ParquetFile(io.BytesIO(read_bytes(storage.join(work, KNOWN_NAME)))).read()
-        _known_table[key] = Known(table.column("hashtag").to_pylist(), list(map(tuple, table.column("wnids").to_pylist())))
+        _known_table[key] = Known(pq.ParquetFile(io.BytesIO(read_bytes(storage.join(work, KNOWN_NAME)))).read())
     return _known_table[key]
 
 
@@ -631,10 +644,10 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     warm = 0 < len(cached) <= WARM_MAX_TAGS
     known = None
     if warm:
-        names = sorted(cached)
-        wnids = [cached[t][0] for t in names]
-        known = Known(names, wnids)
-        write_bytes(storage.join(work, KNOWN_NAME), _tag_table_bytes(names, wnids), durable=False)
+        table = _hashtag_table(names := sorted(cached), [cached[t][0] for t in names])
+        del names  # the table holds them now, as Arrow: no Python list per tag through the scan
+        known = Known(table)
+        write_bytes(storage.join(work, KNOWN_NAME), _parquet_bytes(table), durable=False)
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
     seen, tag_counts, synset_counts = _Distinct(), _Totals(), _Totals()
@@ -672,24 +685,28 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     return TextResult(tag_counts.result(), synset_counts.result(), mapping, buckets, exceptions, mapped_now)
 
 
-def _tag_table_bytes(tags: list[str], wnids: list) -> bytes:
-    """(hashtag, wnids list) as parquet, built from flat columns: a polars list column from Python
+def _hashtag_table(tags: list[str], wnids: list) -> pa.Table:
+    """(hashtag, wnids list) as Arrow, built from flat columns: a polars list column from Python
     lists is ~10x slower, and pa.array imports pandas (~0.5 s of the driver's serial time)."""
     import numpy as np
 
     lens = np.fromiter(map(len, wnids), np.int64, len(wnids))
     offsets = pl.Series(np.concatenate([[0], np.cumsum(lens)]), dtype=pl.Int64).to_arrow()
     flat = pl.Series([w for ws in wnids for w in ws], dtype=pl.String).to_arrow()
-    table = pa.table({"hashtag": pl.Series(tags, dtype=pl.String).to_arrow(),
-                      "wnids": pa.LargeListArray.from_arrays(offsets, flat)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+    return pa.table({"hashtag": pl.Series(tags, dtype=pl.String).to_arrow(),
+                     "wnids": pa.LargeListArray.from_arrays(offsets, flat)})
 
 
-def _parquet_bytes(df: pl.DataFrame) -> bytes:
+def _tag_table_bytes(tags: list[str], wnids: list) -> bytes:
+    return _parquet_bytes(_hashtag_table(tags, wnids))
+
+
+def _parquet_bytes(data: pl.DataFrame | pa.Table) -> bytes:
     buf = io.BytesIO()
-    df.write_parquet(buf)
+    if isinstance(data, pa.Table):
+        pq.write_table(data, buf)
+    else:
+        data.write_parquet(buf)
     return buf.getvalue()
 
 
