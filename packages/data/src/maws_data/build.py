@@ -199,10 +199,13 @@ def build(cfg: BuildConfig) -> Path | str:
                         hashtag_map_from_counts(text.tag_counts, text.mapping).write_csv(separator="\t").encode())
             write_labels(work, vocab, text.mapping)
             t_text = time.monotonic() - t0
+            # the per-tag tables are written: the image pass (the longest stage) does not hold them
+            buckets, exceptions, mapped_now, distinct = text.buckets, text.exceptions, text.mapped_now, len(text.mapping)
+            del text
 
             # 4. image pass
             t1 = time.monotonic()
-            resumed = _image_pass(plan, cfg, out, work, fingerprint, decoder, text.buckets, text.exceptions, runner,
+            resumed = _image_pass(plan, cfg, out, work, fingerprint, decoder, buckets, exceptions, runner,
                                   eval_index=eval_index is not None)
             t_images = time.monotonic() - t1
 
@@ -224,7 +227,7 @@ def build(cfg: BuildConfig) -> Path | str:
     manifest = finish(out, len(plan.shards), head, vocab)
     if cfg.progress:
         _print_summary(manifest, vocab, resumed=resumed, t_text=t_text, t_images=t_images, t_dedup=t_dedup,
-                       mapped_now=text.mapped_now, distinct=len(text.mapping))
+                       mapped_now=mapped_now, distinct=distinct)
     return out if storage.is_remote(out) else Path(out)
 
 
