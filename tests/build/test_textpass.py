@@ -205,3 +205,16 @@ def test_tags_a_worker_cannot_map_are_mapped_in_the_driver(text_source, tmp_path
     assert (out / "hashtag_map.tsv").read_text() == want_map
     err = capfd.readouterr().err
     assert "new hashtags are mapped in the driver: a worker could not load WordNet" in err
+
+
+def test_a_broken_mapping_cache_is_mapped_again_and_rewritten(tmp_path):
+    from maws_data.textpass import _cache_path, load_mapping_cache
+
+    cfg = MappingConfig()
+    map_tags({"dog", "instagood"}, cfg, str(tmp_path))
+    path = _cache_path(cfg, str(tmp_path))
+    assert load_mapping_cache(cfg, str(tmp_path))["hashtag"].to_list() == ["dog", "instagood"]
+    path.write_bytes(b"not parquet")
+    mapping, mapped = map_tags({"dog", "cat"}, cfg, str(tmp_path))
+    assert mapped == 2 and mapping["dog"] == (("n02084071",), "lemma")
+    assert load_mapping_cache(cfg, str(tmp_path))["hashtag"].to_list() == ["cat", "dog"]

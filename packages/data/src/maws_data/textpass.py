@@ -641,11 +641,10 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     the scan round counts as well and the count round runs only for the units that hold duplicates."""
     buckets = key_buckets(plan.rows)
     cached = load_mapping_cache(mapping_cfg, cache_dir)
-    warm = 0 < len(cached) <= WARM_MAX_TAGS
+    warm = 0 < cached.height <= WARM_MAX_TAGS
     known = None
     if warm:
-        table = _hashtag_table(names := sorted(cached), [cached[t][0] for t in names])
-        del names  # the table holds them now, as Arrow: no Python list per tag through the scan
+        table = cached.select("hashtag", "wnids").to_arrow()  # sorted by hashtag
         known = Known(table)
         write_bytes(storage.join(work, KNOWN_NAME), _parquet_bytes(table), durable=False)
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
@@ -738,17 +737,20 @@ def _cache_path(mapping_cfg, cache_dir: str | None, suffix: str = "") -> Path | 
     return Path(cache_dir or default_cache_dir()) / f"{mapping_key(mapping_cfg)}{suffix}.parquet"
 
 
-def load_mapping_cache(mapping_cfg, cache_dir: str | None) -> dict[str, tuple[tuple[str, ...], str]]:
-    """Every tag the cache holds for this mapping configuration: {tag: (wnids, rule)}."""
+CACHE_SCHEMA = {"hashtag": pl.String, "wnids": pl.List(pl.String), "rule": pl.String}
+
+
+def load_mapping_cache(mapping_cfg, cache_dir: str | None) -> pl.DataFrame:
+    """Every tag the cache holds for this mapping configuration: (hashtag, wnids, rule), sorted by
+    hashtag. A frame, not a dict: a cache shared by many builds can hold far more tags than one
+    build meets, and as Python objects each would cost the driver ~200 B."""
     path = _cache_path(mapping_cfg, cache_dir)
     if path is None or not path.is_file():
-        return {}
+        return pl.DataFrame(schema=CACHE_SCHEMA)
     try:
-        t = pq.ParquetFile(path).read()  # not read_table: its dataset layer imports pandas (~0.5 s)
-        return {h: (tuple(w), r) for h, w, r in zip(t.column("hashtag").to_pylist(), t.column("wnids").to_pylist(),
-                                                   t.column("rule").to_pylist())}
+        return pl.read_parquet(path).select(list(CACHE_SCHEMA)).cast(CACHE_SCHEMA).sort("hashtag")
     except Exception:  # noqa: BLE001 - a broken cache is only a slower build
-        return {}
+        return pl.DataFrame(schema=CACHE_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -821,7 +823,7 @@ def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[
 
 
 def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
-             cached: dict[str, tuple[tuple[str, ...], str]] | None = None, runner=None
+             cached: pl.DataFrame | None = None, runner=None
              ) -> tuple[dict[str, tuple[tuple[str, ...], str]], int]:
     """{tag: (wnids, rule)} for every tag given, and how many had to be mapped now (not cached).
     `cache_dir` "" disables the cache; None is the default folder; `cached`: the cache, already loaded;
@@ -830,22 +832,20 @@ def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
     cache_path = _cache_path(mapping_cfg, cache_dir)
     if cached is None:
         cached = load_mapping_cache(mapping_cfg, cache_dir)
-    todo = sorted(tags - cached.keys())
-    out = {t: cached[t] for t in tags if t in cached}
+    # only the cached rows of these tags become Python objects
+    hit = pl.DataFrame({"hashtag": list(tags)}, schema={"hashtag": pl.String}).join(cached, on="hashtag")
+    out = {h: (tuple(w), r) for part in hit.iter_slices(65_536)  # slices: the lists are transient
+           for h, w, r in zip(part["hashtag"].to_list(), part["wnids"].to_list(), part["rule"].to_list())}
+    todo = sorted(tags - out.keys())
     if todo:
         explained, found_names = _explain_all(todo, mapping_cfg, runner)
         out.update(explained)
         if cache_path is not None:
-            merged = {**cached, **{t: out[t] for t in todo}}
-            names = sorted(merged)
-            table = pa.table({"hashtag": pa.array(names, pa.string()),
-                              "wnids": pa.array([list(merged[t][0]) for t in names], pa.list_(pa.string())),
-                              "rule": pa.array([merged[t][1] for t in names], pa.string())})
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
+            new = pl.DataFrame({"hashtag": todo, "wnids": [list(out[t][0]) for t in todo],
+                                "rule": [out[t][1] for t in todo]}, schema=CACHE_SCHEMA)
             try:
                 cache_path.parent.mkdir(parents=True, exist_ok=True)
-                write_bytes(str(cache_path), buf.getvalue())
+                write_bytes(str(cache_path), _parquet_bytes(pl.concat([cached, new]).sort("hashtag")))
             except OSError:
                 pass  # a read-only home is only a slower next build
             # the names of the new tags' synsets too, while WordNet is loaded for the mapping: else a
