@@ -195,7 +195,7 @@ def mine_counts(texts: pl.Series, lookup: Mapping[str, Sequence[str]] | None = N
 
 def caption_tags(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """Every (caption index, tag id) pair once, grouped by caption: the distinct hashtags of each
-    caption as integers. Tag ids number the tags this process has met (`tag_name(i)`), so a worker
+    caption as integers. Tag ids number the tags this process has met (`tag_names`), so a worker
     that counts unit after unit turns each distinct chunk into ids once, and callers count with numpy."""
     import numpy as np
     import polars as pl

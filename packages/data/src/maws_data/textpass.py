@@ -83,7 +83,7 @@ GROUP_ROWS = 500_000  # rows per merged spill: bounds the memory of one merge ta
 WORK_DIR = "_work"
 TAGS_NAME = "tags.parquet"
 KNOWN_NAME = "known.parquet"
-MAP_MIN_TAGS = 20_000  # fewer new tags than this are mapped in the driver: a worker loading WordNet costs ~3 s
+MAP_MIN_TAGS = 20_000  # fewer new tags than this are mapped in the driver: a worker loading WordNet costs ~4 s
 MAP_TASK_TAGS = 10_000  # new tags per mapping task at most (~5 s of HashtagMapper.explain at ~0.5 ms a tag)
 WARM_MAX_TAGS = 5_000_000  # a larger mapping cache is not shipped to every worker (memory); counting then waits for round 3
 
@@ -799,7 +799,7 @@ def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[
     out: dict[str, tuple[tuple[str, ...], str]] = {}
     names: dict[str, str] = {}
     left = todo
-    if runner is not None and len(todo) >= MAP_MIN_TAGS:
+    if runner is not None and runner.workers > 1 and len(todo) >= MAP_MIN_TAGS:  # one process: map here
         # at least 4 tasks a worker, so that they finish together (a task is seconds of one core)
         per = max(1, min(MAP_TASK_TAGS, math.ceil(len(todo) / (4 * runner.workers))))
         tasks = [MapTask(i, tuple(todo[a:a + per]), mapping_cfg) for i, a in enumerate(range(0, len(todo), per))]
@@ -871,9 +871,10 @@ def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None, *,
             known = dict(zip(df["wnid"].to_list(), df["name"].to_list()))
         except Exception:  # noqa: BLE001 - a broken cache is only a slower build
             known = {}
-    known.update(found or {})
+    fresh = {w: n for w, n in (found or {}).items() if w not in known}  # rewrite the cache only for news
+    known.update(fresh)
     todo = sorted(wnids - known.keys())
-    if todo or found:
+    if todo or fresh:
         known.update((w, synset_name(w)) for w in todo)
         if path is not None:
             names = sorted(known)
