@@ -129,3 +129,25 @@ def test_caption_tags_exact_when_chunk_hashes_collide(monkeypatch, tweets):
     sample = tweets[200:500]
     got, _ = _tag_sets(sample)
     assert got == {i: set(extract_hashtags(t)) for i, t in enumerate(sample) if extract_hashtags(t)}
+
+
+def test_hash_index_finds_every_key_through_probes_and_growth():
+    """`_HashIndex` against a dict: keys that share their low bits (the same slot: long probe chains),
+    0 and 2^64-1 as keys, absent keys (-1), and growth from 1,024 slots while ids are added."""
+    import numpy as np
+    from maws_data.hashtags import _HashIndex
+
+    rng = np.random.default_rng(7)
+    index, want = _HashIndex(), {}
+    same_slot = (np.arange(1, 40, dtype=np.uint64) << np.uint64(40)) | np.uint64(5)  # low 40 bits equal
+    batches = [same_slot, np.array([0, 2**64 - 1], np.uint64)] + [
+        np.unique(rng.integers(0, 2**64, 3000, dtype=np.uint64)) for _ in range(6)]
+    for keys in batches:
+        keys = np.array([k for k in keys.tolist() if k not in want], np.uint64)
+        ids = np.arange(len(want), len(want) + len(keys))
+        index.add(keys, ids)
+        want.update(zip(keys.tolist(), ids.tolist()))
+        probe = np.concatenate([np.array(list(want), np.uint64), rng.integers(0, 2**64, 1000, dtype=np.uint64),
+                                same_slot + np.uint64(1 << 39)])  # absent, and one that lands in the chain
+        assert index.find(probe).tolist() == [want.get(k, -1) for k in probe.tolist()]
+    assert len(index.keys) >= 2 * len(want) > 1024  # grew, and stays at most half full
