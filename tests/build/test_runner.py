@@ -100,3 +100,16 @@ def test_a_pool_started_early_is_adopted_by_the_next_runner(monkeypatch):
         runner.warm(("json",))
         assert 3 in runner_module._early and runner._pool is not runner_module._early[3][0]
     runner_module._early.pop(3)[0].shutdown(wait=True)
+
+
+def test_each_pool_starts_with_the_environment_of_its_creation(monkeypatch):
+    """The workers fork from one long-lived forkserver (started by the first pool of this process):
+    a pool made after a variable changed must still see the new value, as a spawned pool would."""
+    for value in ("first", "second"):
+        monkeypatch.setenv("MAWS_TEST_POOL_ENV", value)
+        with Runner(RunnerConfig(kind="local", processes=2)) as runner:
+            results = list(runner.map(env, ["MAWS_TEST_POOL_ENV"] * 4))
+        assert {v for _, (_, v) in results} == {value}
+    monkeypatch.delenv("MAWS_TEST_POOL_ENV")
+    with Runner(RunnerConfig(kind="local", processes=2)) as runner:
+        assert {v for _, (_, v) in runner.map(env, ["MAWS_TEST_POOL_ENV"] * 2)} == {None}
