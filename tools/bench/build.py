@@ -195,13 +195,51 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def _become_subreaper() -> None:
+    """Orphans of our descendants become our children, so that their CPU counts when we reap them:
+    the build's local workers are forked by a forkserver that nobody waits for (it exits just after
+    the build's own process), so without this RUSAGE_CHILDREN would miss all of their CPU."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reap_adopted(keep: set[int], timeout_s: float = 30.0) -> None:
+    """Wait for every child of ours but `keep` (the HTTP server) to exit, and reap it."""
+    me, deadline = str(os.getpid()), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                break
+        left = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep and _parent(p) == me]
+        if not left:
+            return
+        time.sleep(0.05)
+
+
+def _parent(pid: str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+
+
 def timed(cmd: list[str], *, server_pid: int, env: dict, cwd: Path | None = None
           ) -> tuple[float, float, float, str]:
     """Run `cmd`; (wall s, CPU s of it and its descendants, CPU s of the server meanwhile, stdout)."""
+    _become_subreaper()
     before, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), _proc_cpu(server_pid)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd, check=False)
     wall = time.perf_counter() - t0
+    _reap_adopted({server_pid})
     after, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), _proc_cpu(server_pid)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -241,9 +279,8 @@ import json, resource, sys
 from maws_data.build import build, BuildConfig
 build(BuildConfig(**json.loads(sys.argv[1])))
 cpu = lambda r: r.ru_utime + r.ru_stime
-# the pool's worker processes do the image pass (write_shard); this process the text pass
-print(json.dumps({"main_cpu_s": cpu(resource.getrusage(resource.RUSAGE_SELF)),
-                  "workers_cpu_s": cpu(resource.getrusage(resource.RUSAGE_CHILDREN))}))
+# the pool's worker processes do the image pass (run_shard); this process the driver's part
+print(json.dumps({"main_cpu_s": cpu(resource.getrusage(resource.RUSAGE_SELF))}))
 """
 
 
@@ -272,7 +309,9 @@ def run_ours(source: Path, out: Path, args, server_pid: int, **kw) -> tuple[Timi
     written = manifest["counts"]["written"]
     text_done = (out / "hashtag_map.tsv").stat().st_mtime
     image_wall = (out / "manifest.json").stat().st_mtime - text_done
-    workers_cpu = json.loads(stdout.strip().splitlines()[-1])["workers_cpu_s"]
+    # the workers are the driver's grandchildren (forked by the runner's forkserver), so their CPU is
+    # the whole tree's (timed) but the driver's own
+    workers_cpu = cpu - json.loads(stdout.strip().splitlines()[-1])["main_cpu_s"]
     # all server CPU belongs to the image pass: the text pass downloads nothing
     return Timing(wall, written, cpu, server), text_done - started, Timing(image_wall, written, workers_cpu, server)
 
