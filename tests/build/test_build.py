@@ -16,7 +16,14 @@ import polars as pl
 import pytest
 from maws_data.build import BuildConfig, BuildError, build, safe_key
 from maws_data.hashtags import extract_hashtags
-from maws_data.vocab import Vocabulary, build_vocabulary, row_synsets, tag_frame
+from maws_data.vocab import (
+    Vocabulary,
+    build_vocabulary,
+    hashtag_map_from_counts,
+    row_synsets,
+    tag_frame,
+    vocabulary_from_counts,
+)
 from PIL import Image
 
 
@@ -134,6 +141,19 @@ def test_vocabulary_selection_rule():
     v2 = build_vocabulary(rows, wn, tags, min_count=2, max_classes=2, synset_name=str)
     assert v2.wnids == ("n1", "n2")
     assert build_vocabulary(rows, wn, tags, min_count=4, max_classes=None, synset_name=str).wnids == ()
+    # the build's path, from merged counts (columns): the same classes, counts and feeding tags, and
+    # a tag that only duplicate rows held (count 0, "z") feeds nothing
+    synsets = pl.DataFrame({"wnid": ["n1", "n2", "n3"], "count": [3, 3, 3]})
+    counted = pl.DataFrame({"hashtag": ["a", "b", "c", "d", "e", "z"], "count": [1, 3, 2, 1, 1, 0],
+                            "wnids": [["n1"], ["n2", "n1"], ["n3"], ["n3"], [], ["n1"]],
+                            "rule": ["lemma"] * 4 + ["unmapped", "lemma"]})
+    for max_classes, min_count in ((None, 2), (2, 2), (None, 4)):
+        want = build_vocabulary(rows, wn, tags, min_count=min_count, max_classes=max_classes, synset_name=str)
+        assert vocabulary_from_counts(synsets, counted, min_count=min_count, max_classes=max_classes,
+                                      synset_name=str) == want
+    assert hashtag_map_from_counts(counted).rows() == [("b", 3, "n2 n1", "lemma"), ("c", 2, "n3", "lemma"),
+                                                       ("a", 1, "n1", "lemma"), ("d", 1, "n3", "lemma"),
+                                                       ("e", 1, None, "unmapped")]
 
 
 def test_safe_key():

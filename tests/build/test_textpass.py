@@ -71,12 +71,19 @@ def test_one_and_two_processes_equal_the_single_frame_reference(text_source, tmp
     assert m["counts"]["written"] == 0 and m["counts"]["rows"] == 2261
 
 
+def _as_dict(mapping) -> dict:
+    """map_tags' frame as {tag: (wnids, rule)}."""
+    return {h: (tuple(w), r) for h, w, r in mapping.iter_rows()}
+
+
 def test_mapping_cache_maps_each_tag_once(tmp_path):
     tags = {"dog", "dogs", "sunsetbeach", "instagood", "petstagram", "zzqqxx"}
     cfg = MappingConfig()
     first, mapped = map_tags(tags, cfg, str(tmp_path))
+    first = _as_dict(first)
     assert mapped == len(tags)
     again, mapped = map_tags(tags | {"cat"}, cfg, str(tmp_path))
+    again = _as_dict(again)
     assert mapped == 1  # only the new tag
     assert {t: again[t] for t in tags} == first
     assert first["dog"] == (("n02084071",), "lemma") and first["instagood"] == ((), "stopword")
@@ -92,7 +99,7 @@ def test_mapping_also_caches_synset_names(tmp_path, monkeypatch):
     from maws_data import textpass, wordnet
 
     mapping, _ = map_tags({"dog", "sunsetbeach", "instagood"}, MappingConfig(), str(tmp_path))
-    wnids = {w for ws, _ in mapping.values() for w in ws}
+    wnids = {w for ws, _ in _as_dict(mapping).values() for w in ws}
     assert "n02084071" in wnids
     monkeypatch.setattr(wordnet, "synset_name", lambda w: pytest.fail(f"WordNet asked for {w}"))
     names = textpass.synset_names(wnids, MappingConfig(), str(tmp_path))
@@ -216,5 +223,5 @@ def test_a_broken_mapping_cache_is_mapped_again_and_rewritten(tmp_path):
     assert load_mapping_cache(cfg, str(tmp_path))["hashtag"].to_list() == ["dog", "instagood"]
     path.write_bytes(b"not parquet")
     mapping, mapped = map_tags({"dog", "cat"}, cfg, str(tmp_path))
-    assert mapped == 2 and mapping["dog"] == (("n02084071",), "lemma")
+    assert mapped == 2 and _as_dict(mapping)["dog"] == (("n02084071",), "lemma")
     assert load_mapping_cache(cfg, str(tmp_path))["hashtag"].to_list() == ["cat", "dog"]

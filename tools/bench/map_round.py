@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.side:
         seconds, mapping = map_once(args.side, args.tags, args.processes)
-        args.out.write_text(json.dumps({"s": seconds, "mapping": sorted(mapping.items())}))
+        args.out.write_text(json.dumps({"s": seconds, "mapping": mapping.rows()}))  # sorted by hashtag
         return
 
     times: dict[str, list[float]] = {"driver": [], "runner": []}

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import polars as pl
+
 from maws_data import WORKER_MODULES, storage
 from maws_data.dedup.decontam import EVAL_THRESHOLD, DecontamError, EvalIndex
 from maws_data.dedup.table import NEAR_THRESHOLD
@@ -190,17 +192,17 @@ def build(cfg: BuildConfig) -> Path | str:
             mapping_cfg = MappingConfig(stoplist_path=cfg.stoplist, ambiguity=cfg.ambiguity,
                                         use_segmentation=cfg.segmentation)
             text = text_pass(plan, src, work, fingerprint, runner, mapping_cfg, cfg.mapping_cache)
-            kept = [w for w, c in text.synset_counts.items() if c >= cfg.min_count]
+            kept = text.synsets.filter(pl.col("count") >= cfg.min_count)["wnid"].to_list()
             names = synset_names(kept, mapping_cfg, cfg.mapping_cache)
-            vocab = vocabulary_from_counts(text.synset_counts, text.tag_counts, text.mapping, min_count=cfg.min_count,
+            vocab = vocabulary_from_counts(text.synsets, text.tags, min_count=cfg.min_count,
                                            max_classes=cfg.max_classes, synset_name=names.__getitem__)
             write_bytes(storage.join(out, VOCABULARY_NAME), vocab.to_frame().write_csv(separator="\t").encode())
             write_bytes(storage.join(out, HASHTAG_MAP_NAME),
-                        hashtag_map_from_counts(text.tag_counts, text.mapping).write_csv(separator="\t").encode())
-            write_labels(work, vocab, text.mapping)
+                        hashtag_map_from_counts(text.tags).write_csv(separator="\t").encode())
+            write_labels(work, vocab, text.tags)
             t_text = time.monotonic() - t0
             # the per-tag tables are written: the image pass (the longest stage) does not hold them
-            buckets, exceptions, mapped_now, distinct = text.buckets, text.exceptions, text.mapped_now, len(text.mapping)
+            buckets, exceptions, mapped_now, distinct = text.buckets, text.exceptions, text.mapped_now, text.tags.height
             del text
 
             # 4. image pass

@@ -56,18 +56,16 @@ class ShardJob:
         return f"{shard_stem(self.index)} ({self.file.url} rows {self.span.first}..{self.span.end})"
 
 
-def write_labels(work: str, vocab: Vocabulary, mapping: dict[str, tuple[tuple[str, ...], str]]) -> None:
-    """The workers' label table: every tag that maps to a kept class -> its kept synsets (mapper order)."""
-    kept = set(vocab.wnids)
-    tags, wnids = [], []
-    for t in sorted(mapping):
-        ws = [w for w in mapping[t][0] if w in kept]
-        if ws:
-            tags.append(t)
-            wnids.append(ws)
+def write_labels(work: str, vocab: Vocabulary, tags: pl.DataFrame) -> None:
+    """The workers' label table: every tag that maps to a kept class -> its kept synsets (mapper
+    order), sorted by hashtag. `tags`: hashtag, wnids (every distinct tag of the build)."""
+    kept = pl.Series("wnid", vocab.wnids, dtype=pl.String).implode()
+    table = (tags.select("hashtag", pl.col("wnids").alias("wnid")).with_row_index("_tag")
+             .explode("wnid").filter(pl.col("wnid").is_in(kept))
+             .group_by("_tag", maintain_order=True).agg(pl.col("hashtag").first(), pl.col("wnid").alias("wnids"))
+             .sort("hashtag").select("hashtag", "wnids"))
     buf = io.BytesIO()
-    pl.DataFrame({"hashtag": tags, "wnids": wnids},
-                 schema={"hashtag": pl.String, "wnids": pl.List(pl.String)}).write_parquet(buf)
+    table.write_parquet(buf)
     write_bytes(storage.join(work, LABELS_NAME), buf.getvalue(), durable=False)  # rebuilt by every run's text pass
 
 

@@ -596,15 +596,15 @@ class _Totals:
             self.total = pl.concat([self.total, *self.pending]).lazy().group_by("name").agg(pl.col("count").sum()).collect()
             self.pending, self.pending_rows = [], 0
 
-    def names(self) -> set[str]:
+    def names(self) -> pl.Series:
         """Every name added so far (counts of 0 included)."""
         self._fold()
-        return set(self.total["name"].to_list())
+        return self.total["name"]
 
-    def result(self) -> dict[str, int]:
+    def result(self) -> pl.DataFrame:
+        """(name, count) over the names with a count above 0."""
         self._fold()
-        kept = self.total.filter(pl.col("count") > 0)
-        return dict(zip(kept["name"].to_list(), kept["count"].to_list()))
+        return self.total.filter(pl.col("count") > 0)
 
 
 class _Distinct:
@@ -627,9 +627,9 @@ class _Distinct:
             self.total = pl.concat([self.total, *self.pending]).to_frame().lazy().unique().collect().to_series()
             self.pending, self.pending_rows = [], 0
 
-    def result(self) -> set[str]:
+    def result(self) -> pl.Series:
         self._fold()
-        return set(self.total.to_list())
+        return self.total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,9 +638,12 @@ class _Distinct:
 
 @dataclass
 class TextResult:
-    tag_counts: dict[str, int]  # rows per hashtag (usable, non-duplicate rows)
-    synset_counts: dict[str, int]  # rows per synset
-    mapping: dict[str, tuple[tuple[str, ...], str]]  # every distinct tag (and no other) -> (wnids, rule)
+    """Columns, not Python objects: at 10^7 distinct hashtags a dict entry per tag would cost the
+    driver GBs (~650 B a tag, measured with tools/bench/tags_scale.py), these ~100 B."""
+
+    tags: pl.DataFrame  # every distinct tag seen: hashtag, count (usable non-duplicate rows; 0 when
+    # it occurs only in duplicate rows), wnids (list, empty when unmapped), rule; sorted by hashtag
+    synsets: pl.DataFrame  # wnid, count (rows with a tag mapped to it; > 0)
     buckets: int
     exceptions: bool  # the keys round found duplicates or renamed keys
     mapped_now: int  # tags mapped in this run (not found in the mapping cache)
@@ -681,10 +684,11 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
                              desc="text: keys"):
         exceptions |= bool(res["duplicates"] or res["renamed"])
         dup_units.update(res["dup_units"])
-    distinct = seen.result() | tag_counts.names()  # before round 3 subtracts duplicates: every tag seen
+    distinct = pl.concat([seen.result(), tag_counts.names()])  # before round 3 subtracts duplicates: every tag seen
     mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached, runner=runner)
-    mapped = sorted(t for t in distinct if mapping[t][0])
-    write_bytes(storage.join(work, TAGS_NAME), _tag_table_bytes(mapped, [mapping[t][0] for t in mapped]), durable=False)
+    mapped = mapping.filter(pl.col("wnids").list.len() > 0).select("hashtag", "wnids")
+    write_bytes(storage.join(work, TAGS_NAME), _parquet_bytes(mapped), durable=False)
+    del mapped
     # counted in the scan: subtract their duplicate rows; not counted yet: count without them
     todo = [UnitTask(u.unit, u.file, u.span, source, work, buckets, fingerprint, exceptions,
                      dups_only=u.unit in counted) for u in units if u.unit not in counted or u.unit in dup_units]
@@ -692,7 +696,10 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         sign = -1 if task.dups_only else 1
         tag_counts.add(res["tags"], sign)
         synset_counts.add(res["synsets"], sign)
-    return TextResult(tag_counts.result(), synset_counts.result(), mapping, buckets, exceptions, mapped_now)
+    counts = tag_counts.result().rename({"name": "hashtag"})
+    tags = mapping.join(counts, on="hashtag", how="left", maintain_order="left").select(
+        "hashtag", pl.col("count").fill_null(0), "wnids", "rule")
+    return TextResult(tags, synset_counts.result().rename({"name": "wnid"}), buckets, exceptions, mapped_now)
 
 
 def _hashtag_table(tags: list[str], wnids: list) -> pa.Table:
@@ -705,10 +712,6 @@ def _hashtag_table(tags: list[str], wnids: list) -> pa.Table:
     flat = pl.Series([w for ws in wnids for w in ws], dtype=pl.String).to_arrow()
     return pa.table({"hashtag": pl.Series(tags, dtype=pl.String).to_arrow(),
                      "wnids": pa.LargeListArray.from_arrays(offsets, flat)})
-
-
-def _tag_table_bytes(tags: list[str], wnids: list) -> bytes:
-    return _parquet_bytes(_hashtag_table(tags, wnids))
 
 
 def _parquet_bytes(data: pl.DataFrame | pa.Table) -> bytes:
@@ -833,37 +836,34 @@ def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[
     return out, names
 
 
-def map_tags(tags: Iterable[str], mapping_cfg, cache_dir: str | None, *,
-             cached: pl.DataFrame | None = None, runner=None
-             ) -> tuple[dict[str, tuple[tuple[str, ...], str]], int]:
-    """{tag: (wnids, rule)} for every tag given, and how many had to be mapped now (not cached).
-    `cache_dir` "" disables the cache; None is the default folder; `cached`: the cache, already loaded;
-    `runner`: where to map many new tags (`_explain_all`)."""
-    tags = set(tags)
+def map_tags(tags: Iterable[str] | pl.Series, mapping_cfg, cache_dir: str | None, *,
+             cached: pl.DataFrame | None = None, runner=None) -> tuple[pl.DataFrame, int]:
+    """(hashtag, wnids, rule) for every distinct tag given, sorted by hashtag, and how many had to
+    be mapped now (not cached). `cache_dir` "" disables the cache; None is the default folder;
+    `cached`: the cache, already loaded; `runner`: where to map many new tags (`_explain_all`).
+    Columns throughout: only the tags mapped now become Python objects."""
+    tags = pl.Series("hashtag", tags if isinstance(tags, pl.Series) else list(tags), dtype=pl.String).unique()
     cache_path = _cache_path(mapping_cfg, cache_dir)
     if cached is None:
         cached = load_mapping_cache(mapping_cfg, cache_dir)
-    # only the cached rows of these tags become Python objects
-    hit = pl.DataFrame({"hashtag": list(tags)}, schema={"hashtag": pl.String}).join(cached, on="hashtag")
-    out = {h: (tuple(w), r) for part in hit.iter_slices(65_536)  # slices: the lists are transient
-           for h, w, r in zip(part["hashtag"].to_list(), part["wnids"].to_list(), part["rule"].to_list())}
-    todo = sorted(tags - out.keys())
-    if todo:
-        explained, found_names = _explain_all(todo, mapping_cfg, runner)
-        out.update(explained)
-        if cache_path is not None:
-            new = pl.DataFrame({"hashtag": todo, "wnids": [list(out[t][0]) for t in todo],
-                                "rule": [out[t][1] for t in todo]}, schema=CACHE_SCHEMA)
-            try:
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                write_bytes(str(cache_path), _parquet_bytes(pl.concat([cached, new]).sort("hashtag")))
-            except OSError:
-                pass  # a read-only home is only a slower next build
-            # the names of the new tags' synsets too, while WordNet is loaded for the mapping: else a
-            # later warm build whose larger counts lift another synset over min_count loads WordNet
-            # (~3 s and ~150 MB of the driver) to name it
-            synset_names({w for t in todo for w in out[t][0]}, mapping_cfg, cache_dir, found=found_names)
-    return out, len(todo)
+    hit = tags.to_frame().join(cached, on="hashtag")
+    todo = tags.filter(~tags.is_in(hit["hashtag"].implode())).sort().to_list()
+    if not todo:
+        return hit.sort("hashtag"), 0
+    explained, found_names = _explain_all(todo, mapping_cfg, runner)
+    new = pl.DataFrame({"hashtag": todo, "wnids": [list(explained[t][0]) for t in todo],
+                        "rule": [explained[t][1] for t in todo]}, schema=CACHE_SCHEMA)
+    if cache_path is not None:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(str(cache_path), _parquet_bytes(pl.concat([cached, new]).sort("hashtag")))
+        except OSError:
+            pass  # a read-only home is only a slower next build
+        # the names of the new tags' synsets too, while WordNet is loaded for the mapping: else a
+        # later warm build whose larger counts lift another synset over min_count loads WordNet
+        # (~3 s and ~150 MB of the driver) to name it
+        synset_names({w for ws, _ in explained.values() for w in ws}, mapping_cfg, cache_dir, found=found_names)
+    return pl.concat([hit, new]).sort("hashtag"), len(todo)
 
 
 def synset_names(wnids: Iterable[str], mapping_cfg, cache_dir: str | None, *,

@@ -170,30 +170,28 @@ def label_rows(row_wnids: pl.DataFrame, vocab: Vocabulary) -> pl.DataFrame:
 # build_vocabulary / hashtag_map_frame above, which need every row in one frame.
 
 
-def vocabulary_from_counts(synset_counts: dict[str, int], tag_counts: dict[str, int],
-                           mapping: dict[str, tuple[tuple[str, ...], str]], *, min_count: int,
+def vocabulary_from_counts(synsets: pl.DataFrame, tags: pl.DataFrame, *, min_count: int,
                            max_classes: int | None, synset_name: Callable[[str], str]) -> Vocabulary:
-    """`build_vocabulary` from rows per synset, rows per hashtag and each tag's (synsets, rule)."""
-    kept = sorted(((w, c) for w, c in synset_counts.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
+    """`build_vocabulary` from rows per synset (`synsets`: wnid, count) and every distinct tag's
+    rows and synsets (`tags`: hashtag, count, wnids), in polars: no Python object per tag."""
+    kept = synsets.filter(pl.col("count") >= min_count).sort(["count", "wnid"], descending=[True, False])
     if max_classes is not None:
-        kept = kept[:max_classes]
-    wanted = {w for w, _ in kept}
-    fed: dict[str, list[str]] = {w: [] for w in wanted}
-    for tag in sorted(tag_counts, key=lambda t: (-tag_counts[t], t)):
-        for w in dict.fromkeys(mapping[tag][0] if tag in mapping else ()):
-            if w in wanted:
-                fed[w].append(tag)
-    return Vocabulary(wnids=tuple(w for w, _ in kept), names=tuple(synset_name(w) for w, _ in kept),
-                      counts=tuple(c for _, c in kept), hashtags=tuple(tuple(fed[w]) for w, _ in kept))
+        kept = kept.head(max_classes)
+    fed = (tags.filter(pl.col("count") > 0).sort(["count", "hashtag"], descending=[True, False])
+           .select("hashtag", pl.col("wnids").list.unique(maintain_order=True).alias("wnid"))
+           .explode("wnid").filter(pl.col("wnid").is_in(kept["wnid"].implode()))
+           .group_by("wnid", maintain_order=True).agg(pl.col("hashtag")))
+    by_wnid = dict(zip(fed["wnid"].to_list(), fed["hashtag"].to_list()))  # kept classes only
+    wnids = kept["wnid"].to_list()
+    return Vocabulary(wnids=tuple(wnids), names=tuple(synset_name(w) for w in wnids),
+                      counts=tuple(kept["count"].to_list()), hashtags=tuple(tuple(by_wnid.get(w, ())) for w in wnids))
 
 
-def hashtag_map_from_counts(tag_counts: dict[str, int], mapping: dict[str, tuple[tuple[str, ...], str]]
-                            ) -> pl.DataFrame:
-    """`hashtag_map_frame` from rows per hashtag and each tag's (synsets, rule)."""
-    tags = sorted(tag_counts, key=lambda t: (-tag_counts[t], t))
-    return pl.DataFrame({
-        "hashtag": tags,
-        "count": [tag_counts[t] for t in tags],
-        "wnids": [" ".join(mapping[t][0]) or None for t in tags],
-        "rule": [mapping[t][1] for t in tags],
-    }, schema={"hashtag": pl.String, "count": pl.Int64, "wnids": pl.String, "rule": pl.String})
+def hashtag_map_from_counts(tags: pl.DataFrame) -> pl.DataFrame:
+    """`hashtag_map_frame` from every distinct tag's rows, synsets and rule (`tags`: hashtag,
+    count, wnids, rule): the tags with a count, most frequent first."""
+    return (tags.filter(pl.col("count") > 0).sort(["count", "hashtag"], descending=[True, False])
+            .select("hashtag", pl.col("count").cast(pl.Int64),
+                    # unmapped: an empty field (null), not a quoted empty string
+                    pl.when(pl.col("wnids").list.len() > 0).then(pl.col("wnids").list.join(" ")).alias("wnids"),
+                    "rule"))
