@@ -296,6 +296,11 @@ def test_merged_spill_holds_each_units_rows_in_order(tmp_path, where, request):
     assert read[0].column("row").to_pylist() == [0, 2, 10, 12]
     assert read[1] is None
     assert read[2].column("key").to_pylist() == ["k1", "k11"]
+    # what a keys task reads: a bucket from many spills at once (on S3 by concurrent range requests)
+    urls = [textpass._unit_url(work, 0), textpass._unit_url(work, 1), group]
+    assert [t.column("row").to_pylist() for t in textpass._read_bucket(urls, 0)] == [[0, 2], [10, 12], [0, 2, 10, 12]]
+    assert textpass._read_bucket(urls, 1) == [] and textpass._read_bucket([], 0) == []
+    assert [t.column("key").to_pylist() for t in textpass._read_bucket(urls[1:], 2)] == [["k11"], ["k1", "k11"]]
 
 
 def test_two_builds_are_byte_identical(bad_source, bad_build, tmp_path):

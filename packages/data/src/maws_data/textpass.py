@@ -198,6 +198,25 @@ def _read_spill(url: str, bucket: int) -> pa.Table | None:
         return _batches(fh.read(hi - lo))
 
 
+def _read_bucket(urls: list[str], bucket: int) -> list[pa.Table]:
+    """One bucket's keys from every spill in `urls`, in their order (spills with none in it left
+    out). Remote: two rounds of concurrent range requests (fsspec `cat_ranges`: every header, then
+    every byte range), not two requests one after the other per spill: at 10^9 rows a keys task
+    reads ~2,000 group spills, ~40 s of round trips one at a time at ~10 ms each."""
+    if not urls or not storage.is_remote(urls[0]):
+        return [part for url in urls if (part := _read_spill(url, bucket)) is not None]
+    fs, _ = storage.filesystem(urls[0])
+    paths = [fs._strip_protocol(url) for url in urls]  # one work dir: one filesystem
+    at = len(SPILL_MAGIC) + 8 * bucket
+    heads = fs.cat_ranges(paths, [at] * len(paths), [at + 16] * len(paths), on_error="raise")
+    found = [(path, int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")) for path, h in zip(paths, heads)]
+    found = [(path, lo, hi) for path, lo, hi in found if hi > lo]
+    if not found:
+        return []
+    blobs = fs.cat_ranges([f[0] for f in found], [f[1] for f in found], [f[2] for f in found], on_error="raise")
+    return [_batches(blob) for blob in blobs]
+
+
 def _batches(blob: bytes) -> pa.Table:
     """The record-batch messages of one bucket's byte range (one in a unit's spill, one per unit in
     a group's), as a table."""
@@ -408,8 +427,7 @@ def _key_exceptions(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.Da
 
 def resolve_keys(task: KeyTask) -> dict:
     """Round 2 (module docstring). Returns {"duplicates": n, "renamed": n, "dup_units": [unit, ...]}."""
-    parts = [part for url in _spill_urls(task.work, task.units, task.group)
-             if (part := _read_spill(url, task.bucket)) is not None]
+    parts = _read_bucket(_spill_urls(task.work, task.units, task.group), task.bucket)
     table = _one_table(parts) if parts else SPILL_SCHEMA.empty_table()
     # the common case, decided on one column: a safe key is a function of its key, so distinct
     # safe keys mean distinct keys and nothing to rename (half the task's time at 250k keys)
