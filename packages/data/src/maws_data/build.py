@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -196,9 +197,8 @@ def build(cfg: BuildConfig) -> Path | str:
             names = synset_names(kept, mapping_cfg, cfg.mapping_cache)
             vocab = vocabulary_from_counts(text.synsets, text.tags, min_count=cfg.min_count,
                                            max_classes=cfg.max_classes, synset_name=names.__getitem__)
-            write_bytes(storage.join(out, VOCABULARY_NAME), vocab.to_frame().write_csv(separator="\t").encode())
-            write_bytes(storage.join(out, HASHTAG_MAP_NAME),
-                        hashtag_map_from_counts(text.tags).write_csv(separator="\t").encode())
+            write_bytes(storage.join(out, VOCABULARY_NAME), _tsv_bytes(vocab.to_frame()))
+            write_bytes(storage.join(out, HASHTAG_MAP_NAME), _tsv_bytes(hashtag_map_from_counts(text.tags)))
             write_labels(work, vocab, text.tags)
             t_text = time.monotonic() - t0
             # the per-tag tables are written: the image pass (the longest stage) does not hold them
@@ -231,6 +231,14 @@ def build(cfg: BuildConfig) -> Path | str:
         _print_summary(manifest, vocab, resumed=resumed, t_text=t_text, t_images=t_images, t_dedup=t_dedup,
                        mapped_now=mapped_now, distinct=distinct)
     return out if storage.is_remote(out) else Path(out)
+
+
+def _tsv_bytes(frame: pl.DataFrame) -> bytes:
+    """A frame as tab-separated UTF-8, written straight to bytes (one row per distinct hashtag can
+    be millions: no intermediate Python str)."""
+    buf = io.BytesIO()
+    frame.write_csv(buf, separator="\t")
+    return buf.getvalue()
 
 
 def _image_pass(plan: Plan, cfg: BuildConfig, out: str, work: str, fingerprint: str, decoder: str, buckets: int,

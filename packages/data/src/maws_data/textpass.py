@@ -476,11 +476,12 @@ class Known:
     Memory: O(tags in the cache), in the driver and in each worker, as Arrow columns and numpy
     arrays (~40 B a tag plus its wnids' bytes): no Python object per tag."""
 
-    def __init__(self, table: pa.Table):
-        """`table`: (hashtag, wnids) sorted by hashtag, as `_hashtag_table` makes it."""
+    def __init__(self, table: pa.Table | pl.DataFrame):
+        """`table`: (hashtag, wnids) sorted by hashtag, as `_hashtag_table` makes it, or the same
+        columns as a polars frame (not copied)."""
         import numpy as np
 
-        df = pl.from_arrow(table)
+        df = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
         self.tags: pl.Series = df["hashtag"]
         self._wnids: pl.Series = df["wnids"]
         self.synsets: pl.Series = self._wnids.explode().drop_nulls().unique().sort()
@@ -676,9 +677,10 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
     warm = 0 < cached.height <= WARM_MAX_TAGS
     known = None
     if warm:
-        table = cached.select("hashtag", "wnids").to_arrow()  # sorted by hashtag
+        table = cached.select("hashtag", "wnids")  # sorted by hashtag; no copy
         known = Known(table)
         write_bytes(storage.join(work, KNOWN_NAME), _parquet_bytes(table), durable=False)
+        del table
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
     seen, tag_counts, synset_counts = _Distinct(), _Totals(), _Totals()
@@ -780,7 +782,9 @@ def load_mapping_cache(mapping_cfg, cache_dir: str | None) -> pl.DataFrame:
     if path is None or not path.is_file():
         return pl.DataFrame(schema=CACHE_SCHEMA)
     try:
-        return pl.read_parquet(path).select(list(CACHE_SCHEMA)).cast(CACHE_SCHEMA).sort("hashtag")
+        df = pl.read_parquet(path, columns=list(CACHE_SCHEMA)).cast(CACHE_SCHEMA)
+        # written sorted (map_tags); sorting again would copy it, at its full size, for nothing
+        return df if df["hashtag"].is_sorted() else df.sort("hashtag")
     except Exception:  # noqa: BLE001 - a broken cache is only a slower build
         return pl.DataFrame(schema=CACHE_SCHEMA)
 
@@ -854,6 +858,17 @@ def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[
     return out, names
 
 
+def _cached_rows(cached: pl.DataFrame, tags: pl.Series) -> tuple[pl.DataFrame, list[str]]:
+    """(the cache's rows of these sorted distinct tags, the tags it lacks), by binary search in the
+    sorted cache: a join hashed every tag and copied the frame twice (~250 B a tag of the driver's
+    peak RSS at 328k tags)."""
+    if not cached.height:
+        return cached.clear(), tags.to_list()
+    at = cached["hashtag"].search_sorted(tags).clip(upper_bound=cached.height - 1)
+    found = cached["hashtag"].gather(at) == tags
+    return cached[at.filter(found)], tags.filter(~found).to_list()
+
+
 def map_tags(tags: Iterable[str] | pl.Series, mapping_cfg, cache_dir: str | None, *,
              cached: pl.DataFrame | None = None, runner=None) -> tuple[pl.DataFrame, int]:
     """(hashtag, wnids, rule) for every distinct tag given, sorted by hashtag, and how many had to
@@ -864,10 +879,9 @@ def map_tags(tags: Iterable[str] | pl.Series, mapping_cfg, cache_dir: str | None
     cache_path = _cache_path(mapping_cfg, cache_dir)
     if cached is None:
         cached = load_mapping_cache(mapping_cfg, cache_dir)
-    hit = tags.to_frame().join(cached, on="hashtag")
-    todo = tags.filter(~tags.is_in(hit["hashtag"].implode())).sort().to_list()
+    hit, todo = _cached_rows(cached, tags.sort())
     if not todo:
-        return hit.sort("hashtag"), 0
+        return hit, 0
     explained, found_names = _explain_all(todo, mapping_cfg, runner)
     new = pl.DataFrame({"hashtag": todo, "wnids": [list(explained[t][0]) for t in todo],
                         "rule": [explained[t][1] for t in todo]}, schema=CACHE_SCHEMA)
