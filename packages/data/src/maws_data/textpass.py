@@ -659,8 +659,8 @@ class _Distinct:
 
 @dataclass
 class TextResult:
-    """Columns, not Python objects: at 10^7 distinct hashtags a dict entry per tag would cost the
-    driver GBs (~650 B a tag, measured with tools/bench/tags_scale.py), these ~100 B."""
+    """Columns, not Python objects: a dict entry and tuples per distinct tag cost the driver
+    ~650 B a tag at its peak (tools/bench/tags_scale.py), which at 10^7 tags is GBs."""
 
     tags: pl.DataFrame  # every distinct tag seen: hashtag, count (usable non-duplicate rows; 0 when
     # it occurs only in duplicate rows), wnids (list, empty when unmapped), rule; sorted by hashtag
@@ -862,8 +862,7 @@ def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[
 
 def _cached_rows(cached: pl.DataFrame, tags: pl.Series) -> tuple[pl.DataFrame, list[str]]:
     """(the cache's rows of these sorted distinct tags, the tags it lacks), by binary search in the
-    sorted cache: a join hashed every tag and copied the frame twice (~250 B a tag of the driver's
-    peak RSS at 328k tags)."""
+    sorted cache: no hash table over either side, and the rows found come out sorted."""
     if not cached.height:
         return cached.clear(), tags.to_list()
     at = cached["hashtag"].search_sorted(tags).clip(upper_bound=cached.height - 1)
