@@ -454,28 +454,15 @@ def resolve_keys(task: KeyTask) -> dict:
 # Round 3: counts
 
 
-_tag_table: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
-
-
-def _tags_of(work: str, fingerprint: str) -> dict[str, tuple[str, ...]]:
-    """hashtag -> wnids, from `_work/tags.parquet` (every mapped tag of this build), read once per
-    process and build."""
-    key = (work, fingerprint)
-    if key not in _tag_table:
-        _tag_table.clear()
-        table = pq.ParquetFile(io.BytesIO(read_bytes(storage.join(work, TAGS_NAME)))).read()  # read_table imports pandas
-        _tag_table[key] = dict(zip(table.column("hashtag").to_pylist(), map(tuple, table.column("wnids").to_pylist())))
-    return _tag_table[key]
-
-
 class Known:
-    """The mapping cache as shipped to the scan round (`_work/known.parquet`, sorted by hashtag), and
-    the numbering both sides use for its counts: tag i is the table's row i, synset j the j-th of
-    its sorted distinct wnids. A counted unit returns (index, rows) arrays instead of names: 8 bytes
+    """A (hashtag, wnids) table sorted by hashtag, as shipped to the workers, and the numbering both
+    sides use for its counts: tag i is the table's row i, synset j the j-th of its sorted distinct
+    wnids. The scan round's is the mapping cache (`_work/known.parquet`), the count round's the
+    build's distinct tags (`_work/tags.parquet`). A counted unit returns (index, rows) arrays instead of names: 8 bytes
     an entry instead of ~30, and the driver adds them into two dense arrays, so it unpickles no
     string and merges nothing with polars (that merge and the larger results cost the driver
     ~0.9 s of CPU in a 2-process scan at 10^7 rows, on the cores the workers need).
-    Memory: O(tags in the cache), in the driver and in each worker, as Arrow columns and numpy
+    Memory: O(tags in the table), in the driver and in each worker, as Arrow columns and numpy
     arrays (~40 B a tag plus its wnids' bytes): no Python object per tag."""
 
     def __init__(self, table: pa.Table | pl.DataFrame):
@@ -545,10 +532,11 @@ class Known:
         hit = np.flatnonzero(rows)
         return hit.astype(np.uint32), rows[hit].astype(np.uint32)
 
-    def add(self, counts: dict) -> None:
-        """Add a unit's `counts` to the sums (the driver's side); a unit's indices are distinct."""
+    def add(self, counts: dict, sign: int = 1) -> None:
+        """Add (sign -1: subtract) a unit's `counts` to the sums (the driver's side); a unit's
+        indices are distinct."""
         for rows, (index, n) in ((self.tag_rows, counts["tags"]), (self.synset_rows, counts["synsets"])):
-            rows[index] += n
+            rows[index] += n if sign > 0 else -n.astype(rows.dtype)
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """The sums as (name, count) frames, over the names counted at least once."""
@@ -562,36 +550,35 @@ class Known:
         return out[0], out[1]
 
 
-_known_table: dict[tuple[str, str], Known] = {}
+_known_table: dict[tuple[str, str, str], Known] = {}
 
 
-def _known(work: str, fingerprint: str) -> Known:
-    """`_work/known.parquet` as a `Known`, read once per process and build."""
-    key = (work, fingerprint)
+def _known(work: str, fingerprint: str, name: str = KNOWN_NAME) -> Known:
+    """`_work/known.parquet` (the scan round's: the mapping cache) or `_work/tags.parquet` (the
+    count round's: the build's distinct tags) as a `Known`, read once per process and build."""
+    key = (work, fingerprint, name)
     if key not in _known_table:
         _known_table.clear()
-        _known_table[key] = Known(pq.ParquetFile(io.BytesIO(read_bytes(storage.join(work, KNOWN_NAME)))).read())
+        # ParquetFile: read_table imports pandas
+        _known_table[key] = Known(pq.ParquetFile(io.BytesIO(read_bytes(storage.join(work, name)))).read())
     return _known_table[key]
 
 
 def count_unit(task: UnitTask) -> dict:
-    """Round 3 (module docstring). Returns {"tags": {tag: rows}, "synsets": {wnid: rows}}: over the
-    unit's usable, non-duplicate rows, or (`dups_only`) over its duplicate rows alone."""
+    """Round 3 (module docstring). Returns `Known.count`'s arrays into `_work/tags.parquet` (every
+    distinct tag of the build: the scan saw them all): over the unit's usable, non-duplicate rows,
+    or (`dups_only`) over its duplicate rows alone. No Python object per tag: a dict of the build's
+    mapped tags in every worker cost ~200 B a tag."""
     df, captions = _usable_text(task)
     keep = df["reason"].is_null()
     if task.exceptions:
         ex = exceptions_for(task.work, task.buckets, task.span.row0, task.span.row0 + task.span.rows)
         dup = df["row"].is_in(ex.filter(pl.col("reason") == "duplicate_key")["row"].implode())
         keep = keep & (dup if task.dups_only else ~dup)
-    _, tag_counts, synset_counts = mine_counts(captions.filter(keep), _tags_of(task.work, task.fingerprint))
-    return {"tags": _frame(tag_counts), "synsets": _frame(synset_counts)}
-
-
-def _frame(counts: dict[str, int]) -> pl.DataFrame:
-    """Counts as a (name, count) frame, built in the worker: it pickles as Arrow buffers, so the
-    driver unpickles no Python string and merges it in bulk."""
-    return pl.DataFrame({"name": list(counts), "count": list(counts.values())},
-                        schema={"name": pl.String, "count": pl.Int64})
+    counts, missing = _known(task.work, task.fingerprint, TAGS_NAME).count(captions.filter(keep))
+    if counts is None:  # a bug, not bad input: the scan round saw every tag of every unit
+        raise RuntimeError(f"{task.name()}: hashtags missing from the build's tag table: {missing[:5]}")
+    return counts
 
 
 class _Totals:
@@ -708,16 +695,18 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         dup_units.update(res["dup_units"])
     distinct = pl.concat([seen.result(), tag_counts.names()])  # before round 3 subtracts duplicates: every tag seen
     mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached, runner=runner)
-    mapped = mapping.filter(pl.col("wnids").list.len() > 0).select("hashtag", "wnids")
-    write_bytes(storage.join(work, TAGS_NAME), _parquet_bytes(mapped), durable=False)
-    del mapped
+    table = mapping.select("hashtag", "wnids")  # sorted by hashtag; no copy
+    write_bytes(storage.join(work, TAGS_NAME), _parquet_bytes(table), durable=False)
+    counting = Known(table)  # round 3's numbering: tag i is row i of the table shipped
     # counted in the scan: subtract their duplicate rows; not counted yet: count without them
     todo = [UnitTask(u.unit, u.file, u.span, source, work, buckets, fingerprint, exceptions,
                      dups_only=u.unit in counted) for u in units if u.unit not in counted or u.unit in dup_units]
     for task, res in runner.map(count_unit, todo, desc="text: count", total_rows=sum(t.rows for t in todo)):
-        sign = -1 if task.dups_only else 1
-        tag_counts.add(res["tags"], sign)
-        synset_counts.add(res["synsets"], sign)
+        counting.add(res, -1 if task.dups_only else 1)
+    if todo:
+        for totals, frame in zip((tag_counts, synset_counts), counting.frames()):
+            totals.add(frame)  # a sum may be negative here: duplicates subtracted from the scan's counts
+    del counting
     counts = tag_counts.result().rename({"name": "hashtag"})
     tags = mapping.join(counts, on="hashtag", how="left", maintain_order="left").select(
         "hashtag", pl.col("count").fill_null(0), "wnids", "rule")
