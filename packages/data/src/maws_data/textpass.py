@@ -38,7 +38,8 @@ rules and synset names (10^7 new tags: ~1.4 h of one core, spread over the clust
 cannot load WordNet (a Ray node without it) hands its tags back for the driver to map.
 
 Memory: a worker holds one text unit (or one key bucket, or one merge group's spill bytes, twice:
-~40 MB at GROUP_ROWS, or WordNet and one mapping task's tags), and when warm the shipped mapping cache;
+~40 MB at GROUP_ROWS, or WordNet and one mapping task's tags), and the shipped tag table of its
+round as columns (`Known`: the mapping cache when warm in round 1, the build's distinct tags in round 3);
 the driver holds the distinct hashtags with their counts and mapping, the synset counts, and the
 mapping cache with, when warm, a dense count per cached tag and synset (`Known`): all as polars
 columns and numpy arrays (~500 B a distinct tag at the driver's peak RSS, most of it polars'
