@@ -113,3 +113,15 @@ def test_each_pool_starts_with_the_environment_of_its_creation(monkeypatch):
     monkeypatch.delenv("MAWS_TEST_POOL_ENV")
     with Runner(RunnerConfig(kind="local", processes=2)) as runner:
         assert {v for _, (_, v) in runner.map(env, ["MAWS_TEST_POOL_ENV"] * 2)} == {None}
+
+
+def test_renew_replaces_the_workers():
+    """After `renew`, tasks run in fresh processes (what the old ones loaded is gone); inline, a no-op."""
+    with Runner(RunnerConfig(kind="local", processes=2)) as runner:
+        before = {pid for _, (pid, _) in runner.map(env, ["HOME"] * 6)}
+        runner.renew()
+        after = {pid for _, (pid, _) in runner.map(env, ["HOME"] * 6)}
+    assert before and after and not before & after
+    with Runner(RunnerConfig(kind="local", processes=1)) as runner:
+        runner.renew()
+        assert {pid for _, (pid, _) in runner.map(env, ["HOME"])} == {__import__("os").getpid()}

@@ -184,6 +184,9 @@ def test_many_new_tags_are_mapped_on_the_runner(text_source, tmp_path, monkeypat
         return real_map(self, fn, items, **kw)
 
     monkeypatch.setattr(runner_mod.Runner, "map", spy)
+    renewed = []
+    real_renew = runner_mod.Runner.renew
+    monkeypatch.setattr(runner_mod.Runner, "renew", lambda self: (renewed.append(len(tasks)), real_renew(self)))
     monkeypatch.setattr(wordnet, "HashtagMapper", lambda *a: pytest.fail("the driver mapped a tag"))
     monkeypatch.setattr(wordnet, "synset_name", lambda w: pytest.fail(f"the driver named {w}"))
     out = build(BuildConfig(source=str(text_source), out=str(tmp_path / "out"), image_size=64, shard_size=50,
@@ -193,6 +196,7 @@ def test_many_new_tags_are_mapped_on_the_runner(text_source, tmp_path, monkeypat
     assert (out / "hashtag_map.tsv").read_text() == want_map
     n_tags = sum(len(t.tags) for t in tasks)
     assert len(tasks) >= 5 and n_tags == len({t for task in tasks for t in task.tags}) > 3000
+    assert renewed == [len(tasks)]  # the workers that loaded WordNet were replaced after the round
 
 
 def test_tags_a_worker_cannot_map_are_mapped_in_the_driver(text_source, tmp_path, monkeypatch, capfd):

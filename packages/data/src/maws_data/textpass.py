@@ -839,6 +839,7 @@ def _explain_all(todo: list[str], mapping_cfg, runner) -> tuple[dict[str, tuple[
                 continue
             out.update(zip(task.tags, zip(res["wnids"], res["rules"])))
             names.update(res["names"])
+        runner.renew()  # the workers hold WordNet now; the rest of the build does not need it
         if left:
             print(f"text pass: {len(left)} of {len(todo)} new hashtags are mapped in the driver: a worker could "
                   f"not load WordNet ({why})", file=sys.stderr)
