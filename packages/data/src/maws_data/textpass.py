@@ -209,7 +209,7 @@ def _read_bucket(urls: list[str], bucket: int) -> list[pa.Table]:
     if not urls or not storage.is_remote(urls[0]):
         return [part for url in urls if (part := _read_spill(url, bucket)) is not None]
     fs, _ = storage.filesystem(urls[0])
-    paths = [fs._strip_protocol(url) for url in urls]  # one work dir: one filesystem
+    paths = [storage.filesystem(url)[1] for url in urls]  # one work dir: one filesystem (fsspec caches it)
     at = len(SPILL_MAGIC) + 8 * bucket
     heads = fs.cat_ranges(paths, [at] * len(paths), [at + 16] * len(paths), on_error="raise")
     found = [(path, int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")) for path, h in zip(paths, heads)]
@@ -582,38 +582,10 @@ def count_unit(task: UnitTask) -> dict:
     return counts
 
 
-class _Totals:
-    """Sums of (name, count) lists from many tasks, merged in batches with polars (a Python dict
-    update per entry would make the driver the text pass's bottleneck). Memory: O(distinct names)."""
-
-    def __init__(self):
-        self.total = pl.DataFrame(schema={"name": pl.String, "count": pl.Int64})
-        self.pending: list[pl.DataFrame] = []
-        self.pending_rows = 0
-
-    def add(self, counts: pl.DataFrame, sign: int = 1) -> None:
-        if counts.height:
-            self.pending.append(counts.with_columns(-pl.col("count")) if sign < 0 else counts)
-            self.pending_rows += counts.height
-            if self.pending_rows > 250_000:
-                self._fold()
-
-    def _fold(self) -> None:
-        if self.pending:
-            # lazy: collect() releases the GIL, so the pool's result thread can keep reading the
-            # workers' results meanwhile (an eager fold held it, and a worker's send waited)
-            self.total = pl.concat([self.total, *self.pending]).lazy().group_by("name").agg(pl.col("count").sum()).collect()
-            self.pending, self.pending_rows = [], 0
-
-    def names(self) -> pl.Series:
-        """Every name added so far (counts of 0 included)."""
-        self._fold()
-        return self.total["name"]
-
-    def result(self) -> pl.DataFrame:
-        """(name, count) over the names with a count above 0."""
-        self._fold()
-        return self.total.filter(pl.col("count") > 0)
+def _summed(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """(name, count) frames -> their sums per name, over the names with a count above 0 (the count
+    round subtracts duplicate rows from what the scan counted)."""
+    return pl.concat(frames).group_by("name").agg(pl.col("count").sum()).filter(pl.col("count") > 0)
 
 
 class _Distinct:
@@ -673,7 +645,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         del table
     units = [UnitTask(i, plan.files[s.file], s, source, work, buckets, fingerprint, warm=warm)
              for i, s in enumerate(plan.units)]
-    seen, tag_counts, synset_counts = _Distinct(), _Totals(), _Totals()
+    seen = _Distinct()
     counted: set[int] = set()
     for task, res in runner.map(scan_unit, units, desc="text: scan", total_rows=plan.rows):
         if res["counts"] is None:
@@ -681,9 +653,8 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
         else:
             counted.add(task.unit)
             known.add(res["counts"])
-    if counted:
-        for totals, frame in zip((tag_counts, synset_counts), known.frames()):
-            totals.add(frame)
+    empty = pl.DataFrame(schema={"name": pl.String, "count": pl.Int64})
+    scanned = known.frames() if counted else (empty, empty)  # (tags, synsets) the scan counted
     exceptions, dup_units = False, set()
     starts = tuple(u.row0 for u in plan.units)
     group = spill_group([u.rows for u in plan.units], buckets)
@@ -694,7 +665,7 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
                              desc="text: keys"):
         exceptions |= bool(res["duplicates"] or res["renamed"])
         dup_units.update(res["dup_units"])
-    distinct = pl.concat([seen.result(), tag_counts.names()])  # before round 3 subtracts duplicates: every tag seen
+    distinct = pl.concat([seen.result(), scanned[0]["name"]])  # before round 3 subtracts duplicates: every tag seen
     mapping, mapped_now = map_tags(distinct, mapping_cfg, cache_dir, cached=cached, runner=runner)
     table = mapping.select("hashtag", "wnids")  # sorted by hashtag; no copy
     write_bytes(storage.join(work, TAGS_NAME), _parquet_bytes(table), durable=False)
@@ -704,14 +675,13 @@ def text_pass(plan: Plan, source: SourceConfig, work: str, fingerprint: str, run
                      dups_only=u.unit in counted) for u in units if u.unit not in counted or u.unit in dup_units]
     for task, res in runner.map(count_unit, todo, desc="text: count", total_rows=sum(t.rows for t in todo)):
         counting.add(res, -1 if task.dups_only else 1)
-    if todo:
-        for totals, frame in zip((tag_counts, synset_counts), counting.frames()):
-            totals.add(frame)  # a sum may be negative here: duplicates subtracted from the scan's counts
+    counted_now = counting.frames() if todo else (empty, empty)  # a count may be negative: duplicates
     del counting
-    counts = tag_counts.result().rename({"name": "hashtag"})
+    counts = _summed([scanned[0], counted_now[0]]).rename({"name": "hashtag"})
     tags = mapping.join(counts, on="hashtag", how="left", maintain_order="left").select(
         "hashtag", pl.col("count").fill_null(0), "wnids", "rule")
-    return TextResult(tags, synset_counts.result().rename({"name": "wnid"}), buckets, exceptions, mapped_now)
+    synsets = _summed([scanned[1], counted_now[1]]).rename({"name": "wnid"})
+    return TextResult(tags, synsets, buckets, exceptions, mapped_now)
 
 
 def _hashtag_table(tags: list[str], wnids: list) -> pa.Table:
