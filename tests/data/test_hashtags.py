@@ -131,6 +131,44 @@ def test_caption_tags_exact_when_chunk_hashes_collide(monkeypatch, tweets):
     assert got == {i: set(extract_hashtags(t)) for i, t in enumerate(sample) if extract_hashtags(t)}
 
 
+def _tag_lists(texts):
+    from maws_data.hashtags import caption_tag_lists, tag_names
+
+    offsets, ids = caption_tag_lists(pl.Series(texts, dtype=pl.String))
+    names = tag_names(ids.tolist())
+    return [names[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+def test_caption_tag_lists_are_extract_hashtags_in_order(monkeypatch, tweets):
+    """The image pass's labels: each caption's tags in first-occurrence order (a set would pass
+    caption_tags' test, not this one), through a table that fills and starts over, and on a collision."""
+    from maws_data import hashtags
+
+    monkeypatch.setattr(hashtags, "_chunks", [])
+    monkeypatch.setattr(hashtags, "CHUNK_TABLE_MAX", 500)
+    reordered = ["#b #a #b", "#c#a #A", None, "", "#x #y #x #z"]
+    assert _tag_lists(reordered) == [["b", "a"], ["c", "a"], [], [], ["x", "y", "z"]]
+    for part in (tweets[:300], tweets[300:600], tweets[:2000]):
+        assert _tag_lists(part) == [extract_hashtags(t) for t in part]
+    monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series([0] * len(self), dtype=pl.UInt64))
+    assert _tag_lists(tweets[600:900]) == [extract_hashtags(t) for t in tweets[600:900]]
+
+
+def test_tag_list_outputs_match_mine_series(tweets):
+    """Each caption's outputs (several per tag, shared between tags, tags without any) in tag order,
+    once each: the same lists as mine_series' per-tag column."""
+    from maws_data.hashtags import caption_tag_lists, distinct_tags, mine_series, tag_list_outputs
+
+    texts = pl.Series(tweets[:1500] + ["#love #me #love", None], dtype=pl.String)
+    lookup = {t: (f"w{len(t) % 7}", f"w{len(t) % 3}") if len(t) % 5 else () for t in distinct_tags(texts)}
+    offsets, ids = caption_tag_lists(texts)
+    out_off, outs, names = tag_list_outputs(offsets, ids, lookup)
+    got = [[names[o] for o in outs[a:b]] for a, b in zip(out_off[:-1].tolist(), out_off[1:].tolist())]
+    want = mine_series(texts, {"wnids": lambda t: lookup.get(t, ())})["wnids"].to_list()
+    assert got == want and got[-2] == ["w4", "w1", "w2"] and got[-1] == []
+    assert sum(map(len, got)) > 1000
+
+
 def test_hash_index_finds_every_key_through_probes_and_growth():
     """`_HashIndex` against a dict: keys that share their low bits (the same slot: long probe chains),
     0 and 2^64-1 as keys, absent keys (-1), and growth from 1,024 slots while ids are added."""

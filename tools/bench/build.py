@@ -207,9 +207,14 @@ def _become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def _children() -> list[str]:
+    me = str(os.getpid())
+    return [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == me]
+
+
 def _reap_adopted(keep: set[int], timeout_s: float = 30.0) -> None:
-    """Wait for every child of ours but `keep` (the HTTP server) to exit, and reap it."""
-    me, deadline = str(os.getpid()), time.monotonic() + timeout_s
+    """Wait for every child of ours but `keep` (those we had before the command) to exit, and reap it."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         while True:
             try:
@@ -218,8 +223,7 @@ def _reap_adopted(keep: set[int], timeout_s: float = 30.0) -> None:
                 return
             if pid == 0:
                 break
-        left = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep and _parent(p) == me]
-        if not left:
+        if not [p for p in _children() if int(p) not in keep]:
             return
         time.sleep(0.05)
 
@@ -235,11 +239,13 @@ def timed(cmd: list[str], *, server_pid: int, env: dict, cwd: Path | None = None
           ) -> tuple[float, float, float, str]:
     """Run `cmd`; (wall s, CPU s of it and its descendants, CPU s of the server meanwhile, stdout)."""
     _become_subreaper()
+    # children we already had (the HTTP server, multiprocessing's resource tracker) live on
+    already = {int(p) for p in _children()} | {server_pid}
     before, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), _proc_cpu(server_pid)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd, check=False)
     wall = time.perf_counter() - t0
-    _reap_adopted({server_pid})
+    _reap_adopted(already)
     after, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), _proc_cpu(server_pid)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

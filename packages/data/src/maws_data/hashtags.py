@@ -197,6 +197,42 @@ def caption_tags(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """Every (caption index, tag id) pair once, grouped by caption: the distinct hashtags of each
     caption as integers. Tag ids number the tags this process has met (`tag_names`), so a worker
     that counts unit after unit turns each distinct chunk into ids once, and callers count with numpy."""
+    pair_rows, pair_tags = _tag_occurrences(texts)
+    n_tags = max(len(_TAG_NAMES), 1)
+    uniq = unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
+    return uniq // n_tags, uniq % n_tags
+
+
+def caption_tag_lists(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """`extract_hashtags` of every caption as tag ids (`tag_names`): caption i's hashtags are
+    ids[offsets[i]:offsets[i + 1]], in first-occurrence order, without repeats. The same chunk
+    table as `caption_tags`, so a worker parses each distinct chunk once, not once per batch."""
+    import numpy as np
+
+    pair_rows, pair_tags = _tag_occurrences(texts)
+    keep = first_occurrences(pair_rows * max(len(_TAG_NAMES), 1) + pair_tags)
+    return _offsets(pair_rows[keep], len(texts)), pair_tags[keep]
+
+
+def tag_list_outputs(offsets, ids, lookup: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The outputs of each caption's tags (`caption_tag_lists`): `lookup[tag]` for its tags in
+    order, without repeats (a tag missing from `lookup` gives nothing). Returns (offsets, output ids,
+    output names): caption i's outputs are names[o] for o in ids[offsets[i]:offsets[i + 1]]."""
+    import numpy as np
+
+    out_names, per_tag, _ = _outputs_of(lookup)
+    present = np.unique(ids)
+    local = np.zeros(max(len(_TAG_NAMES), 1), np.int64)
+    local[present] = np.arange(len(present))
+    rows = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    out_rows, outs = _expand_ids(rows, local[ids], [per_tag(i) for i in present.tolist()])
+    keep = first_occurrences(out_rows * max(len(out_names), 1) + outs)
+    return _offsets(out_rows[keep], len(offsets) - 1), outs[keep], out_names
+
+
+def _tag_occurrences(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(caption index, tag id) of every tag occurrence, in caption order and, within a caption, in
+    text order (repeats included)."""
     import numpy as np
     import polars as pl
 
@@ -210,13 +246,32 @@ def caption_tags(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     table = _chunk_table()
     codes = table.codes(items)
     if codes is not None:
-        pair_rows, pair_tags = expand_csr(rows, codes, *table.tag_ids)
-    else:  # a 64-bit hash collision between two chunks: number this unit's chunks by their text
-        codes, distinct = _distinct_codes(items)
-        pair_rows, pair_tags = _expand_ids(rows, codes, [_chunk_tag_ids(c) for c in distinct])
-    n_tags = max(len(_TAG_NAMES), 1)
-    uniq = unique_grouped(pair_rows * n_tags + pair_tags)  # (caption, tag) once
-    return uniq // n_tags, uniq % n_tags
+        return expand_csr(rows, codes, *table.tag_ids)
+    # a 64-bit hash collision between two chunks: number this batch's chunks by their text
+    codes, distinct = _distinct_codes(items)
+    return _expand_ids(rows, codes, [_chunk_tag_ids(c) for c in distinct])
+
+
+def first_occurrences(keys):
+    """Mask of the first occurrence of each value in `keys` (values grouped by caption, so a stable
+    sort is nearly linear: timsort runs, ~8x faster than hashing)."""
+    import numpy as np
+
+    first = np.ones(len(keys), dtype=bool)
+    if len(keys) > 1:
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        first[order[1:][sorted_keys[1:] == sorted_keys[:-1]]] = False
+    return first
+
+
+def _offsets(rows, n: int):
+    """CSR offsets (n + 1) of row ids that come sorted."""
+    import numpy as np
+
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
+    return offsets
 
 
 CHUNK_TABLE_MAX = 1 << 19  # distinct chunks a process keeps in _ChunkTable (~50 MB); past it, it starts over
@@ -517,13 +572,7 @@ def _expand(codes, distinct: list[str], item_off, fn: Callable[[str], Sequence[s
 
     if total:  # drop repeats within a row, keeping the first occurrence (order is preserved)
         rows = np.repeat(np.arange(len(item_off) - 1), np.diff(row_off))
-        key = rows * max(len(vocab), 1) + out
-        # key is already grouped by row, so a stable sort is nearly linear (timsort runs), ~8x
-        # faster than hashing; equal neighbours after the sort are repeats, the first one stays.
-        order = np.argsort(key, kind="stable")
-        sorted_key = key[order]
-        first = np.ones(total, dtype=bool)
-        first[order[1:][sorted_key[1:] == sorted_key[:-1]]] = False
+        first = first_occurrences(rows * max(len(vocab), 1) + out)
         if not first.all():
             out = out[first]
             row_off = np.concatenate([[0], np.cumsum(first)])[row_off]

@@ -6,7 +6,9 @@ own rows from the source, decides each row's fate exactly as the text pass did
 from the vocabulary (a tag -> kept synsets table, read once per worker process), and hands them to
 `maws_data.shards.write_shard`, which fetches, decodes and writes the shard and its commit marker.
 
-Memory (worker): one shard's rows and images, plus the tag -> kept synsets table.
+Memory (worker): one shard's rows and images, the tag -> kept synsets table, and the chunk and tag
+tables the labels are mined with (`hashtags.caption_tag_lists`: bounded by CHUNK_TABLE_MAX chunks
+and TAG_TABLE_MAX tags, as in the text pass).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from maws_data import storage
-from maws_data.hashtags import mine_series
+from maws_data.hashtags import caption_tag_lists, tag_list_outputs, tag_names
 from maws_data.images import ImageConfig
 from maws_data.manifest import read_bytes, write_bytes
 from maws_data.plan import Span
@@ -85,6 +87,22 @@ def _label_table(job: ShardJob) -> tuple[dict[str, tuple[str, ...]], dict[str, i
     return _labels[key]
 
 
+def _labels_of(captions: pl.Series, job: ShardJob) -> tuple[list[list[str]], list[list[str]], list[list[int]]]:
+    """Per caption (null: none): its hashtags, its kept synsets (in tag order, once each) and their
+    vocabulary indexes. Mined with the worker's chunk table (`caption_tag_lists`), which it keeps
+    from shard to shard: a chunk is parsed once per worker, not once per shard."""
+    kept, index, _ = _label_table(job)
+    tag_off, tag_ids = caption_tag_lists(captions)
+    out_off, out_ids, out_names = tag_list_outputs(tag_off, tag_ids, kept)
+    tags, outs = tag_names(tag_ids.tolist()), out_ids.tolist()
+    names = [out_names[o] for o in outs]
+    class_of = [index[w] for w in names]
+    tag_off, out_off = tag_off.tolist(), out_off.tolist()
+    spans = range(len(captions))
+    return ([tags[tag_off[i]:tag_off[i + 1]] for i in spans], [names[out_off[i]:out_off[i + 1]] for i in spans],
+            [class_of[out_off[i]:out_off[i + 1]] for i in spans])
+
+
 def run_shard(job: ShardJob) -> dict:
     """Build one shard; returns its stats without the per-row skip list (that stays in its JSON)."""
     df = row_checks(read_rows(job.file, job.source, job.span.first, job.span.end, byte_range=job.span.byte_range),
@@ -100,23 +118,21 @@ def run_shard(job: ShardJob) -> dict:
                                  pl.col("x_key").alias("new_key"))
     usable = pl.col("reason").is_null()
     captions = df.select(pl.when(usable).then(pl.col("caption"))).to_series()
-    kept, index, counts = _label_table(job)
-    mined = mine_series(captions, {"wnids": lambda t: kept.get(t, ())})
-    hashtags, wnids = mined["hashtags"], mined["wnids"]
+    hashtags, wnids, labels = _labels_of(captions, job)
     safe = safe_keys(df["key"].fill_null(""))
     keys = df.select(pl.coalesce(pl.col("new_key"), safe)).to_series()
     rows, skipped = [], []
-    for row, src_key, key, image, caption, reason, detail, tags, ws in zip(
+    for i, (row, src_key, key, image, caption, reason, detail) in enumerate(zip(
             df["row"].to_list(), df["key"].to_list(), keys.to_list(), df["image"].to_list(), df["caption"].to_list(),
-            df["reason"].to_list(), df["detail"].to_list(), hashtags.to_list(), wnids.to_list()):
+            df["reason"].to_list(), df["detail"].to_list())):
         if reason is not None:
             skipped.append({"row": row, "key": src_key, "reason": reason, "detail": detail})
             continue
         rows.append(ShardRow(row=row, key=key, source_key=src_key, image=image, base_dir=job.file.base_dir,
-                             caption=caption, hashtags=tags, wnids=ws, labels=[index[w] for w in ws]))
+                             caption=caption, hashtags=hashtags[i], wnids=wnids[i], labels=labels[i]))
     stats = write_shard(ShardTask(index=job.index, first_row=job.span.row0, end_row=job.span.row0 + job.span.rows,
                                   rows=rows, skipped=skipped, shards_dir=storage.join(job.out, SHARDS_DIR),
                                   image=job.image, dali_device=job.dali_device, fingerprint=job.fingerprint,
-                                  threads=job.threads, class_counts=counts, dedup_dir=job.dedup_dir,
+                                  threads=job.threads, class_counts=_label_table(job)[2], dedup_dir=job.dedup_dir,
                                   eval_index=job.eval_index, eval_threshold=job.eval_threshold))
     return {k: v for k, v in stats.items() if k != "skipped_rows"}

@@ -99,11 +99,15 @@ class ShardTask:
         return shard_stem(self.index)
 
 
+# One encoder for every sample: json.dumps with these options builds a new one per call.
+_SAMPLE_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def sample_json(r: ShardRow, width: int, height: int, sha256: str, phash: int) -> bytes:
     meta = {"key": r.key, "source_key": r.source_key, "caption": r.caption, "hashtags": r.hashtags,
             "wnids": r.wnids, "labels": r.labels, "labeled": bool(r.labels), "width": width, "height": height,
             "sha256": sha256, "phash": to_hex(phash)}
-    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _SAMPLE_JSON.encode(meta).encode("utf-8")
 
 
 def _images(task: ShardTask) -> list[tuple[bytes, int, int, str, int] | SkipSample]:

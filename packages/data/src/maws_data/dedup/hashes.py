@@ -68,7 +68,10 @@ def _luma(image: Image.Image | np.ndarray, size: tuple[int, int], box: tuple[flo
     # Pillow-SIMD's RGB resize is ~3x faster than its 1-channel one (14 vs 43 us from 256x256).
     # BOX averages every source pixel into the grid: no aliasing, and the cheapest filter.
     small = image.resize(size, Image.Resampling.BOX, box=box)
-    return np.asarray(small if small.mode == "L" else small.convert("L"), dtype=np.float32)
+    if small.mode != "L":
+        small = small.convert("L")
+    # through the raw bytes: np.asarray on a PIL image goes through its array interface, ~2x slower
+    return np.frombuffer(small.tobytes(), np.uint8).reshape(size[1], size[0]).astype(np.float32)
 
 
 def _low_dct(image: Image.Image | np.ndarray, box: tuple[float, ...] | None = None) -> np.ndarray:
