@@ -93,6 +93,16 @@ def test_hash_collision_falls_back_to_exact_codes(monkeypatch, tweets):
     assert extract_hashtags_batch(sample) == [extract_hashtags(t) for t in sample]
 
 
+def _collide_index_hashes(monkeypatch):
+    """Every text gets the same index hash (seed 0); the chunk table's second hash stays real."""
+    real = pl.Series.hash
+
+    def colliding(self, seed=0):
+        return pl.Series([0] * len(self), dtype=pl.UInt64) if seed == 0 else real(self, seed)
+
+    monkeypatch.setattr(pl.Series, "hash", colliding)
+
+
 def _tag_sets(texts):
     """caption_tags' pairs as {caption: set of tag names}."""
     from maws_data.hashtags import caption_tags, tag_names
@@ -117,7 +127,7 @@ def test_caption_tags_are_each_captions_distinct_tags(monkeypatch, tweets):
         want = {i: set(extract_hashtags(t)) for i, t in enumerate(part) if extract_hashtags(t)}
         assert got == want and len(want) > 100
         assert (caption[1:] >= caption[:-1]).all()  # grouped by caption
-        assert len(hashtags._chunk_table().texts) == table_size
+        assert len(hashtags._chunk_table().check) == table_size
 
 
 def test_caption_tags_exact_when_chunk_hashes_collide(monkeypatch, tweets):
@@ -125,7 +135,7 @@ def test_caption_tags_exact_when_chunk_hashes_collide(monkeypatch, tweets):
 
     monkeypatch.setattr(hashtags, "_chunks", [])
     _tag_sets(tweets[:200])  # the table holds real hashes
-    monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series([0] * len(self), dtype=pl.UInt64))
+    _collide_index_hashes(monkeypatch)
     sample = tweets[200:500]
     got, _ = _tag_sets(sample)
     assert got == {i: set(extract_hashtags(t)) for i, t in enumerate(sample) if extract_hashtags(t)}
@@ -150,7 +160,7 @@ def test_caption_tag_lists_are_extract_hashtags_in_order(monkeypatch, tweets):
     assert _tag_lists(reordered) == [["b", "a"], ["c", "a"], [], [], ["x", "y", "z"]]
     for part in (tweets[:300], tweets[300:600], tweets[:2000]):
         assert _tag_lists(part) == [extract_hashtags(t) for t in part]
-    monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series([0] * len(self), dtype=pl.UInt64))
+    _collide_index_hashes(monkeypatch)
     assert _tag_lists(tweets[600:900]) == [extract_hashtags(t) for t in tweets[600:900]]
 
 

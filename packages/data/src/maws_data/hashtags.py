@@ -273,6 +273,8 @@ def _offsets(rows, n: int):
     return offsets
 
 
+# The second hash's seed: any fixed value other than the index's (0).
+CHECK_SEED = 0x9E3779B97F4A7C15
 CHUNK_TABLE_MAX = 1 << 19  # distinct chunks a process keeps in _ChunkTable (~50 MB); past it, it starts over
 
 
@@ -334,8 +336,12 @@ class _HashIndex:
 class _ChunkTable:
     """Every distinct chunk this process has parsed, with its tag ids (`_chunk_tag_ids`), found by
     the 64-bit hash of its text (`_HashIndex`): a unit's ~80k chunk occurrences become chunk ids with
-    no Python call each, and only chunks new to the process are parsed. Exact: the found chunks'
-    texts are compared with the occurrences' (`codes` returns None on a collision; callers fall back).
+    no Python call each, and only chunks new to the process are parsed. Every found chunk is checked
+    against a second 64-bit hash of the occurrence's text, with another seed (`CHECK_SEED`): a chunk
+    is taken for another only if both hashes collide (~2^-128 a pair), and an index collision alone
+    is caught (`codes` returns None; callers fall back to numbering by text). The check costs a
+    hash, where comparing the texts cost a gather and a string compare of every occurrence (~15%
+    of `caption_tags`), and the table keeps 8 B a chunk instead of its text.
     Memory: O(distinct chunks met), at most CHUNK_TABLE_MAX (then the table is emptied; tag ids stay)."""
 
     def __init__(self):
@@ -343,13 +349,12 @@ class _ChunkTable:
 
     def clear(self) -> None:
         import numpy as np
-        import polars as pl
 
         self.index = _HashIndex()  # chunk hash -> chunk id
         self.lens = np.zeros(0, np.int64)  # chunk id -> its tag ids: flat[starts[c]:starts[c] + lens[c]]
         self.flat = np.zeros(0, np.int64)
         self.starts = np.zeros(0, np.int64)
-        self.texts = pl.Series("chunk", [], dtype=pl.String)  # by chunk id
+        self.check = np.zeros(0, np.uint64)  # chunk id -> the second hash of its text
 
     @property
     def tag_ids(self):
@@ -362,38 +367,38 @@ class _ChunkTable:
         import polars as pl
 
         h = items.hash(seed=0).to_numpy()
+        check = items.hash(seed=CHECK_SEED).to_numpy()
         codes = self.index.find(h)
         new = codes < 0
         if new.any():
             new_hashes, first = np.unique(h[new], return_index=True)
             if len(new_hashes) > CHUNK_TABLE_MAX:
                 return None  # more distinct chunks than the table may hold
-            if len(self.texts) + len(new_hashes) > CHUNK_TABLE_MAX:
+            if len(self.check) + len(new_hashes) > CHUNK_TABLE_MAX:
                 self.clear()
                 return self.codes(items)
-            self._add(items.filter(pl.Series(new)).gather(first), new_hashes)
+            self._add(items.filter(pl.Series(new)).gather(first), new_hashes, check[new][first])
             codes = self.index.find(h)
-        if not (self.texts.gather(codes) == items).all():
+        if not (self.check[codes] == check).all():
             return None
         return codes
 
-    def _add(self, texts: pl.Series, new_hashes) -> None:
-        """Parse and insert chunks new to the table (their distinct hashes, and their texts in that order)."""
+    def _add(self, texts: pl.Series, new_hashes, new_checks) -> None:
+        """Parse and insert chunks new to the table (their distinct hashes, their texts and second
+        hashes in that order)."""
         import numpy as np
 
         # parsed without chunk_tags' cache: the table holds these chunks from now on, and the
         # cache would keep a second copy of each (~250 B) for nothing
         ids = [_chunk_tag_ids(t, parse=chunk_tags.__wrapped__) for t in texts.to_list()]
         lens = np.fromiter(map(len, ids), np.int64, len(ids))
-        base = len(self.texts)
+        base = len(self.check)
         self.index.add(new_hashes, np.arange(base, base + len(ids)))
         self.starts = np.concatenate([self.starts, len(self.flat) + np.cumsum(lens) - lens])
         self.lens = np.concatenate([self.lens, lens])
         self.flat = np.concatenate([self.flat, np.fromiter(itertools.chain.from_iterable(ids), np.int64,
                                                            int(lens.sum()))])
-        self.texts = self.texts.append(texts)
-        if self.texts.n_chunks() > 64:  # gathers from many small chunks get slow
-            self.texts = self.texts.rechunk()
+        self.check = np.concatenate([self.check, new_checks])
 
 
 _chunks: list[_ChunkTable] = []  # made on first use: importing this module imports no numpy or polars
