@@ -38,7 +38,7 @@ from typing import Literal
 
 import polars as pl
 
-from maws_data import WORKER_MODULES, storage
+from maws_data import WORKER_MODULES, digests, storage
 from maws_data.dedup.decontam import EVAL_THRESHOLD, DecontamError, EvalIndex
 from maws_data.dedup.table import NEAR_THRESHOLD
 from maws_data.deduppass import DEDUP_DIR, dedup_pass, remove_table
@@ -59,7 +59,7 @@ from maws_data.plan import Plan, ScanTask, cut, scan
 from maws_data.runner import Runner, RunnerConfig, TaskFailed, local_processes
 from maws_data.shards import completed_stats, list_sizes
 from maws_data.sources import SourceConfig, list_files
-from maws_data.textpass import WORK_DIR, safe_key, synset_names, text_pass  # noqa: F401 - safe_key: public API
+from maws_data.textpass import WORK_DIR, default_cache_dir, safe_key, synset_names, text_pass  # noqa: F401 - safe_key: public API
 from maws_data.vocab import (
     HASHTAG_MAP_NAME,
     VOCABULARY_NAME,
@@ -110,7 +110,9 @@ class BuildConfig:
     overwrite: bool = False  # replace an existing build made with another config or input
     progress: bool = True  # progress bar and summary table on stderr
     text_unit_rows: int = 100_000  # rows per text-pass task (rounded to whole shards)
-    mapping_cache: str | None = None  # hashtag mapping cache folder; None = ~/.cache/maws-data/hashtag-maps, "" = off
+    # hashtag mapping cache folder, which also remembers local source files' sha256 by their stat
+    # (maws_data.digests); None = ~/.cache/maws-data/hashtag-maps, "" = off
+    mapping_cache: str | None = None
     task_timeout_s: float = 1800.0  # a shard (or text unit) running longer is cancelled and retried (Ray)
     task_retries: int = 3  # Ray: attempts after a lost worker or node, or a deadline
     dedup: Literal["none", "exact", "near"] = "exact"  # drop repeated images: same bytes, or also pHash-near
@@ -177,10 +179,12 @@ def build(cfg: BuildConfig) -> Path | str:
             decoder = choose_decoder(cfg.image_config(cfg.decoder))
             resolved = {**dataclasses.asdict(cfg), "decoder": decoder}
             # 1. plan (a missing column fails here, before --out is claimed for this config)
-            scanned = {}
-            scans = [ScanTask(f, src, cfg.shard_size) for f in files]
+            scanned, digest_file = {}, _digest_cache(cfg)
+            remembered = digests.load(digest_file)
+            scans = [ScanTask(f, src, cfg.shard_size, remembered.get(f.url)) for f in files]
             for task, result in runner.map(scan, scans, desc="plan"):
                 scanned[task.file.url] = result
+            digests.save(digest_file, {f.url: scanned[f.url][2] for f in files if scanned[f.url][2] is not None})
             plan = cut(files, [scanned[f.url][0] for f in files], cfg.shard_size, cfg.text_unit_rows)
             inputs = [scanned[f.url][1] for f in files]
             eval_index = _eval_index(cfg)
@@ -269,6 +273,14 @@ def _image_pass(plan: Plan, cfg: BuildConfig, out: str, work: str, fingerprint: 
     for _ in runner.map(run_shard, pending(), desc="images", total_rows=plan.rows):
         pass
     return resumed
+
+
+def _digest_cache(cfg: BuildConfig) -> Path | None:
+    """Where the local source files' digests are remembered (maws_data.digests): in the cache folder,
+    beside the hashtag mappings; None with the cache off, or for a remote source (named by ETag)."""
+    if cfg.mapping_cache == "" or storage.is_remote(cfg.source):
+        return None
+    return digests.cache_file(cfg.mapping_cache or default_cache_dir(), str(Path(cfg.source).absolute()))
 
 
 def _source(cfg: BuildConfig) -> SourceConfig:

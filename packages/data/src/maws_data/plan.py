@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from maws_data.digests import Entry
 from maws_data.sources import FileLayout, SourceConfig, SourceFile, file_identity, scan_file
 
 
@@ -47,16 +48,18 @@ class ScanTask:
     file: SourceFile
     source: SourceConfig
     step: int
+    known: Entry | None = None  # the file's digest entry remembered by an earlier build (maws_data.digests)
 
     @property
     def rows(self) -> int:
         return 0
 
 
-def scan(task: ScanTask) -> tuple[FileLayout, dict]:
-    """Runner entry point: one file's row count (and CSV/JSONL byte offsets), and its identity for
-    the build fingerprint (the sha256 of a local file: hashing thousands of files is parallel work too)."""
-    return scan_file(task.file, task.source, task.step), file_identity(task.file)
+def scan(task: ScanTask) -> tuple[FileLayout, dict, Entry | None]:
+    """Runner entry point: one file's row count (and CSV/JSONL byte offsets), its identity for the
+    build fingerprint (the sha256 of a local file: hashing thousands of files is parallel work too),
+    and the digest entry to remember for it."""
+    return scan_file(task.file, task.source, task.step), *file_identity(task.file, task.known)
 
 
 def cut(files: list[SourceFile], layouts: list[FileLayout], shard_size: int, unit_rows: int) -> Plan:

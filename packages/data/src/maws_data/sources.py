@@ -52,7 +52,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.ipc as pa_ipc
 import pyarrow.parquet as pa_parquet
 
-from maws_data import storage
+from maws_data import digests, storage
 
 SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".arrow": "arrow"}
@@ -164,18 +164,18 @@ def _hf_files(fs, root: str, remote: bool, source: str) -> list[SourceFile]:
     return out
 
 
-def file_identity(f: SourceFile) -> dict:
+def file_identity(f: SourceFile, known: digests.Entry | None = None) -> tuple[dict, digests.Entry | None]:
     """What the build fingerprint records of an input file: local files by sha256 of their bytes,
-    remote ones by size and ETag / modification time (hashing a bucket would mean downloading it)."""
-    from maws_data.manifest import sha256_file
-
+    remote ones by size and ETag / modification time (hashing a bucket would mean downloading it).
+    Also the digest entry to remember for a local file (`maws_data.digests`: `known`, the one
+    remembered by an earlier build, spares the hashing while the file's stat is unchanged)."""
     if not storage.is_remote(f.url):
-        p = Path(f.url)
-        return {"path": f.url, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+        sha, entry = digests.digest(f.url, known)
+        return {"path": f.url, "sha256": sha, "bytes": entry[0][2] if entry else Path(f.url).stat().st_size}, entry
     fs, path = storage.filesystem(f.url)
     info = fs.info(path)
     tag = info.get("ETag") or info.get("etag") or str(info.get("LastModified") or info.get("mtime") or "")
-    return {"path": f.url, "sha256": None, "etag": str(tag).strip('"'), "bytes": int(info.get("size") or 0)}
+    return {"path": f.url, "sha256": None, "etag": str(tag).strip('"'), "bytes": int(info.get("size") or 0)}, None
 
 
 # ---------------------------------------------------------------------------------------------
