@@ -128,6 +128,17 @@ def _tags(out: Path) -> int:
         return sum(1 for _ in f) - 1
 
 
+def remember_digests(source: Path, cache: Path) -> None:
+    """What a build of `source` with this cache folder remembers of its files (maws_data.digests)."""
+    from maws_data import digests
+    from maws_data.sources import list_files
+
+    path = digests.cache_file(cache, str(source.absolute()))
+    remembered = digests.load(path)
+    entries = {f.url: digests.digest(f.url, remembered.get(f.url))[1] for f in list_files(str(source))}
+    digests.save(path, {url: e for url, e in entries.items() if e is not None})
+
+
 def run_build(source: Path, out: Path, processes: int, cache: Path, *, text_only: bool = False,
               min_count: int = 10) -> Run:
     shutil.rmtree(out, ignore_errors=True)
@@ -196,6 +207,8 @@ def main() -> None:
                        any_url=args.text_only)
         # untimed: fills the mapping cache, and (min count 1) the names of every synset a tag maps to
         run_build(work / f"src-{every}", work / "warm", 1, cache, min_count=1)
+        for n in sizes:  # and the sources' digests, as an earlier build of each would (maws_data.digests)
+            remember_digests(work / f"src-{n}", cache)
         runs_of = ((n, p) for n in sizes for _ in range(args.repeat) for p in procs)  # 1, 2, 1, 2, ...
         for n, p in runs_of:
             r = run_build(work / f"src-{n}", work / f"out-{n}-{p}", p, cache, text_only=args.text_only)
