@@ -207,7 +207,6 @@ def caption_tag_lists(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """`extract_hashtags` of every caption as tag ids (`tag_names`): caption i's hashtags are
     ids[offsets[i]:offsets[i + 1]], in first-occurrence order, without repeats. The same chunk
     table as `caption_tags`, so a worker parses each distinct chunk once, not once per batch."""
-
     pair_rows, pair_tags = _tag_occurrences(texts)
     keep = first_occurrences(pair_rows * max(len(_TAG_NAMES), 1) + pair_tags)
     return _offsets(pair_rows[keep], len(texts)), pair_tags[keep]
