@@ -152,3 +152,39 @@ def test_folder_files_disagree_on_image_type(tmp_path):
         read_source(SourceConfig(str(tmp_path)))
     with pytest.raises(SourceError, match="must differ"):
         read_source(SourceConfig(str(tmp_path / "1.parquet"), caption_column="image"))
+
+
+def test_text_only_parquet_chunks_equal_the_arrow_path(real, tmp_path, monkeypatch):
+    """The text pass reads local parquet with polars' own reader when key and caption are strings:
+    every slice (inside a row group, across two, the last rows) gives the frame the Arrow path
+    gives, nulls and non-ASCII captions included; an integer key falls back to the Arrow path."""
+    from maws_data import sources
+    from maws_data.sources import list_files, read_rows
+
+    native_reads = []
+    real_native = sources._read_text_natively
+    monkeypatch.setattr(sources, "_read_text_natively", lambda *a: native_reads.append(a) or real_native(*a))
+
+    df = real.select("key", "image", "caption").head(900)
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) % 97 == 5).then(None).otherwise(pl.col("caption")).alias("caption"),
+                         pl.when(pl.int_range(pl.len()) == 11).then(None).otherwise(pl.col("key")).alias("key"))
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 12).then(pl.lit("#日本 #café ＃ok")).otherwise(pl.col("caption"))
+                         .alias("caption"))
+    path = tmp_path / "src.parquet"
+    df.write_parquet(path, row_group_size=250)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 4
+    cfg = SourceConfig(str(path))
+    f = list_files(str(path))[0]
+    for first, end in ((0, 900), (10, 200), (240, 260), (600, 900), (899, 900)):
+        native = read_rows(f, cfg, first, end, text_only=True)
+        arrow = read_rows(f, cfg, first, end).with_columns(pl.lit(None, pl.String).alias("image"))
+        assert native.equals(arrow) and native.height == end - first
+    assert native["caption"].to_list() == df["caption"][899:].to_list()
+    assert read_rows(f, cfg, 0, 900, text_only=True)["key"].null_count() == 1
+    assert len(native_reads) == 6
+
+    ints = tmp_path / "ints.parquet"
+    pl.DataFrame({"key": list(range(30)), "image": ["x.jpg"] * 30, "caption": ["#a"] * 30}).write_parquet(ints)
+    g = list_files(str(ints))[0]
+    assert read_rows(g, SourceConfig(str(ints)), 5, 8, text_only=True)["key"].to_list() == ["5", "6", "7"]
+    assert len(native_reads) == 6

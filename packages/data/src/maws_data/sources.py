@@ -365,6 +365,8 @@ def _read_parquet(url: str, wanted: list[str], first: int, end: int, text_only: 
     pf = _parquet_file(url)
     cols = _project(wanted, text_only)
     _check_columns(url, pf.schema_arrow.names, wanted)
+    if text_only and not storage.is_remote(url) and all(_is_text(pf.schema_arrow.field(c).type) for c in cols):
+        return _read_text_natively(url, wanted, first, end)
     parts, start = [], 0
     for rg in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(rg).num_rows
@@ -376,6 +378,21 @@ def _read_parquet(url: str, wanted: list[str], first: int, end: int, text_only: 
             break
     table = pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(cols)
     return _from_arrow(_with_null_image(table, wanted), wanted, image_is_text=False)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _read_text_natively(url: str, wanted: list[str], first: int, end: int) -> pl.DataFrame:
+    """The text pass's chunk of a local parquet file whose key and caption are strings, read by
+    polars' own reader: the same frame as through Arrow (strings are never a row problem, and the
+    image column is not read), without converting every string to polars' layout, which cost
+    ~0.09 us a row, a third of the read (4-5% of a 1-process text pass)."""
+    key, _image, caption = wanted
+    df = (pl.scan_parquet(url, glob=False, hive_partitioning=False).slice(first, end - first)
+          .select(pl.col(key).alias("key"), pl.col(caption).alias("caption")).collect())
+    return df.select("key", pl.lit(None, pl.String).alias("image"), "caption", pl.lit(None, pl.String).alias("problem"))
 
 
 def _row_group(pf: pa_parquet.ParquetFile, url: str, rg: int, cols: list[str]) -> pa.Table:
