@@ -245,7 +245,7 @@ def _tag_occurrences(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     codes = table.codes(items)
     if codes is not None:
         return expand_csr(rows, codes, *table.tag_ids)
-    # a 64-bit hash collision between two chunks: number this batch's chunks by their text
+    # two chunks share an index hash (the second hash told them apart): number this batch's chunks by their text
     codes, distinct = _distinct_codes(items)
     return _expand_ids(rows, codes, [_chunk_tag_ids(c) for c in distinct])
 

@@ -87,11 +87,11 @@ def _label_table(job: ShardJob) -> tuple[dict[str, tuple[str, ...]], dict[str, i
     return _labels[key]
 
 
-def _labels_of(captions: pl.Series, job: ShardJob) -> tuple[list[list[str]], list[list[str]], list[list[int]]]:
+def _labels_of(captions: pl.Series, kept: dict[str, tuple[str, ...]], index: dict[str, int]
+               ) -> tuple[list[list[str]], list[list[str]], list[list[int]]]:
     """Per caption (null: none): its hashtags, its kept synsets (in tag order, once each) and their
     vocabulary indexes. Mined with the worker's chunk table (`caption_tag_lists`), which it keeps
     from shard to shard: a chunk is parsed once per worker, not once per shard."""
-    kept, index, _ = _label_table(job)
     tag_off, tag_ids = caption_tag_lists(captions)
     out_off, out_ids, out_names = tag_list_outputs(tag_off, tag_ids, kept)
     tags, outs = tag_names(tag_ids.tolist()), out_ids.tolist()
@@ -118,7 +118,8 @@ def run_shard(job: ShardJob) -> dict:
                                  pl.col("x_key").alias("new_key"))
     usable = pl.col("reason").is_null()
     captions = df.select(pl.when(usable).then(pl.col("caption"))).to_series()
-    hashtags, wnids, labels = _labels_of(captions, job)
+    kept, index, counts = _label_table(job)
+    hashtags, wnids, labels = _labels_of(captions, kept, index)
     safe = safe_keys(df["key"].fill_null(""))
     keys = df.select(pl.coalesce(pl.col("new_key"), safe)).to_series()
     rows, skipped = [], []
@@ -133,6 +134,6 @@ def run_shard(job: ShardJob) -> dict:
     stats = write_shard(ShardTask(index=job.index, first_row=job.span.row0, end_row=job.span.row0 + job.span.rows,
                                   rows=rows, skipped=skipped, shards_dir=storage.join(job.out, SHARDS_DIR),
                                   image=job.image, dali_device=job.dali_device, fingerprint=job.fingerprint,
-                                  threads=job.threads, class_counts=_label_table(job)[2], dedup_dir=job.dedup_dir,
+                                  threads=job.threads, class_counts=counts, dedup_dir=job.dedup_dir,
                                   eval_index=job.eval_index, eval_threshold=job.eval_threshold))
     return {k: v for k, v in stats.items() if k != "skipped_rows"}
