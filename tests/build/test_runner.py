@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -125,3 +126,50 @@ def test_renew_replaces_the_workers():
     with Runner(RunnerConfig(kind="local", processes=1)) as runner:
         runner.renew()
         assert {pid for _, (pid, _) in runner.map(env, ["HOME"])} == {__import__("os").getpid()}
+
+
+def test_limit_threads_gives_each_process_its_share_of_the_cores_unless_set(monkeypatch):
+    from maws_data import runner as runner_module
+    from maws_data.runner import THREAD_VARS, limit_threads
+
+    monkeypatch.setattr(runner_module.os, "cpu_count", lambda: 16)
+    for var in THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stays
+    assert limit_threads(4) == {"POLARS_MAX_THREADS": "4", "OPENBLAS_NUM_THREADS": "4"}
+    assert os.environ["POLARS_MAX_THREADS"] == "4" and os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("POLARS_MAX_THREADS")
+    assert limit_threads(32) == {"POLARS_MAX_THREADS": "1"}  # more processes than cores: still 1 each
+
+
+PROBE = '''
+import os, sys
+from maws_data.runner import Runner, RunnerConfig, limit_threads, start_early
+import probe
+
+if __name__ == "__main__":
+    processes = int(sys.argv[1])
+    limit_threads(processes)
+    start_early(processes, ("polars",))  # as the CLI: the forkserver imports polars with the limit set
+    import polars as pl
+    with Runner(RunnerConfig(kind="local", processes=processes)) as runner:
+        workers = sorted({n for _, n in runner.map(probe.pool_size, range(8))})
+    print(pl.thread_pool_size(), workers)
+'''
+
+
+def test_workers_and_driver_start_polars_with_the_limit(tmp_path):
+    """In a fresh interpreter (this one imported polars long ago), as the CLI does it: polars in the
+    driver and in every forkserver worker sizes its pool from the limit, not from the core count."""
+    import subprocess
+
+    (tmp_path / "probe.py").write_text("def pool_size(_):\n    import polars\n    return polars.thread_pool_size()\n")
+    (tmp_path / "main.py").write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS",
+                                                            "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run([sys.executable, str(tmp_path / "main.py"), "2"], check=False, env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert out.stdout.split("\n")[0] == f"{share} [{share}]"

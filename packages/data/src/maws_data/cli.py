@@ -110,11 +110,12 @@ def build(
     import os
 
     from maws_data import WORKER_MODULES
-    from maws_data.runner import TaskFailed, local_processes, start_early
+    from maws_data.runner import TaskFailed, limit_threads, local_processes, start_early
 
     if s3_endpoint:
         os.environ["MAWS_S3_ENDPOINT"] = s3_endpoint  # before the workers start: they copy the environment
     if runner is Runner.local:
+        limit_threads(local_processes(processes))  # before polars is imported, here or in a worker
         start_early(local_processes(processes), WORKER_MODULES)  # they import while we do, below
 
     from maws_data.build import BuildConfig, BuildError

@@ -261,6 +261,25 @@ def start_early(processes: int, modules: tuple[str, ...]) -> None:
         _early[processes] = (pool, modules, warming, starter)
 
 
+# The libraries' own thread pools. polars (rayon) and OpenBLAS each start one thread per core in
+# every process, so one worker per core means cores^2 threads; on the build's small tasks (25k-row
+# text units, one shard's rows) their hand-offs cost more than the parallelism gives: with 2 workers
+# on 2 cores the text pass ran ~6% faster with one polars thread each (docs/data.md, "Stop 17").
+# Ray sets OMP_NUM_THREADS for its workers the same way.
+THREAD_VARS = ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def limit_threads(processes: int) -> dict[str, str]:
+    """Give each process of a local build cores // processes library threads (at least 1), unless the
+    user set the variable; returns what was set. It must run before polars is imported (polars sizes
+    its pool then) and before the workers start (they inherit the environment): the CLI calls it first
+    thing. The driver gets the same limit: while the workers run it only merges their results."""
+    per = str(max(1, (os.cpu_count() or 1) // max(1, processes)))
+    chosen = {var: per for var in THREAD_VARS if var not in os.environ}
+    os.environ.update(chosen)
+    return chosen
+
+
 def local_processes(processes: int) -> int:
     """The local worker count for a `processes` setting: 0 means one per core."""
     return processes or os.cpu_count() or 1
