@@ -26,6 +26,10 @@ file, where to write); workers read their own rows.
   end of the build). Every task is idempotent (same inputs -> same bytes, atomic writes), so a retry or
   a late duplicate is harmless.
 
+Library threads: the CLI gives each local process cores // processes polars, OpenBLAS and OpenMP
+threads (`limit_threads`, unless the variables are set): one worker per core, each with a pool of
+one thread per core, only hands work between threads that wait for the same cores.
+
 The local pool has the same deadline: a task past it stops the build with an error (a process pool
 cannot cancel one task), and the rerun resumes.
 
