@@ -173,3 +173,29 @@ def test_workers_and_driver_start_polars_with_the_limit(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     share = max(1, (os.cpu_count() or 1) // 2)
     assert out.stdout.split("\n")[0] == f"{share} [{share}]"
+
+
+def library_threads(_: int) -> tuple[str | None, int]:
+    import polars
+
+    return os.environ.get("POLARS_MAX_THREADS"), polars.thread_pool_size()
+
+
+def test_ray_tasks_start_polars_with_one_thread(monkeypatch):
+    """A 1-CPU Ray task's worker sizes polars' pool at 1, not at its node's cores; a value the driver
+    set reaches the workers instead."""
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    for var in ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with Runner(RunnerConfig(kind="ray")) as runner:
+            assert {r for _, r in runner.map(library_threads, range(3))} == {("1", 1)}
+        monkeypatch.setenv("POLARS_MAX_THREADS", "2")
+        with Runner(RunnerConfig(kind="ray")) as runner:  # a new Runner: a new remote function
+            assert {r for _, r in runner.map(library_threads, range(3))} == {("2", 2)}
+    finally:
+        ray.shutdown()

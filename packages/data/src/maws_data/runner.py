@@ -20,7 +20,7 @@ file, where to write); workers read their own rows.
   fragmented arenas: +25 MB over a worker's first 500 shards, +90 MB over 5,000). Not a plain
   fork: the parent may hold torch/DALI/CUDA state or threads that a fork would copy
   half-initialised; the forkserver holds none of it.
-* ray: one Ray task per task, `num_cpus=1`; a task lost with its worker or node is retried by Ray
+* ray: one Ray task per task, `num_cpus=1` (and 1 polars/OpenBLAS/OpenMP thread: `THREAD_VARS`); a task lost with its worker or node is retried by Ray
   (`retries`); a task that runs past `task_timeout_s` is cancelled and resubmitted, and after
   `retries` such attempts the build fails with the task's name (one stuck download cannot hang the
   end of the build). Every task is idempotent (same inputs -> same bytes, atomic writes), so a retry or
@@ -206,8 +206,12 @@ class Runner:
         if fn not in self._remotes:
             # retry_exceptions=False: a Python error in our code is a bug or a bad input, not flakiness
             # max_calls: Ray replaces a worker process after that many calls, as the local pool recycles
+            # env_vars: a 1-CPU task gets 1 library thread (the driver's own setting, if it has one),
+            # not one per core of its node (Ray merges these into the job's runtime_env env_vars)
+            threads = {var: os.environ.get(var, "1") for var in THREAD_VARS}
             self._remotes[fn] = ray.remote(num_cpus=1, max_retries=self.cfg.retries,
-                                           max_calls=self.cfg.recycle_tasks)(fn)
+                                           max_calls=self.cfg.recycle_tasks,
+                                           runtime_env={"env_vars": threads})(fn)
         return self._remotes[fn]
 
     def _map_ray(self, fn: Callable, tasks: Iterable) -> Iterator[tuple[Any, Any]]:
