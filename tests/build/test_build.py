@@ -464,3 +464,24 @@ def test_commit_markers_are_fsynced_and_text_pass_scratch_is_not(tiny_source, ti
     assert sum(bool(re.fullmatch(r"\.shard-\d{6}\.tar\.tmp", n)) for n in names) == 4
     assert sum(bool(re.fullmatch(r"\.shard-\d{6}\.npz\.\w+\.tmp", n)) for n in names) == 4  # dedup units, before the markers
     assert any(n.startswith(".manifest.json") for n in names)
+
+
+def test_plan_batches_local_files_and_keeps_remote_ones_alone():
+    from maws_data.plan import BATCH_MAX_FILES, ScanTask, scan_batches
+    from maws_data.sources import SourceConfig, SourceFile
+
+    src = SourceConfig("unused")
+    def tasks(urls):
+        return [ScanTask(SourceFile(u, "parquet", "/"), src, 1000) for u in urls]
+
+    local = [f"/data/part-{i:05d}.parquet" for i in range(400)]
+    sizes = [len(b.tasks) for b in scan_batches(tasks(local), workers=2)]  # 400 // 16 = 25 a batch
+    assert sizes == [25] * 16
+    assert [len(b.tasks) for b in scan_batches(tasks(local[:10]), workers=2)] == [1] * 10  # < 8 a worker: alone
+    big = [len(b.tasks) for b in scan_batches(tasks(local * 10), workers=1)]
+    assert set(big) == {BATCH_MAX_FILES} and sum(big) == 4000
+    mixed = tasks(local[:40] + ["s3://b/x.parquet", "https://h/y.parquet"] + local[40:80])
+    batches = scan_batches(mixed, workers=1)  # 82 // 8 = 10 a batch
+    assert [[t.file.url for t in b.tasks] for b in batches] == (
+        [local[i:i + 10] for i in range(0, 40, 10)] + [["s3://b/x.parquet"], ["https://h/y.parquet"]]
+        + [local[i:i + 10] for i in range(40, 80, 10)])

@@ -55,7 +55,7 @@ from maws_data.manifest import (
     write_bytes,
     write_json,
 )
-from maws_data.plan import Plan, ScanTask, cut, scan
+from maws_data.plan import Plan, ScanTask, cut, scan_batch, scan_batches
 from maws_data.runner import Runner, RunnerConfig, TaskFailed, local_processes
 from maws_data.shards import completed_stats, list_sizes
 from maws_data.sources import SourceConfig, list_files
@@ -182,8 +182,8 @@ def build(cfg: BuildConfig) -> Path | str:
             scanned, digest_file = {}, _digest_cache(cfg)
             remembered = digests.load(digest_file)
             scans = [ScanTask(f, src, cfg.shard_size, remembered.get(f.url)) for f in files]
-            for task, result in runner.map(scan, scans, desc="plan"):
-                scanned[task.file.url] = result
+            for batch, results in runner.map(scan_batch, scan_batches(scans, runner.workers), desc="plan"):
+                scanned.update((task.file.url, result) for task, result in zip(batch.tasks, results))
             digests.save(digest_file, {f.url: scanned[f.url][2] for f in files if scanned[f.url][2] is not None})
             plan = cut(files, [scanned[f.url][0] for f in files], cfg.shard_size, cfg.text_unit_rows)
             inputs = [scanned[f.url][1] for f in files]

@@ -62,6 +62,57 @@ def scan(task: ScanTask) -> tuple[FileLayout, dict, Entry | None]:
     return scan_file(task.file, task.source, task.step), *file_identity(task.file, task.known)
 
 
+@dataclass(frozen=True)
+class ScanBatch:
+    """Consecutive local files scanned by one task: through a local pool a task costs ~0.3 ms of
+    hand-offs, five times a parquet footer's read (0.06 ms), so 400 files planned one task each took
+    0.135 s against 0.02 s in one process. A remote file stays alone in its task: its footer is a
+    round trip, and the runner keeps several in flight."""
+
+    tasks: tuple[ScanTask, ...]
+
+    @property
+    def rows(self) -> int:
+        return 0
+
+    def name(self) -> str:
+        more = f" and {len(self.tasks) - 1} more" if len(self.tasks) > 1 else ""
+        return f"plan of {self.tasks[0].file.url}{more}"
+
+
+BATCH_MAX_FILES = 32
+BATCHES_PER_WORKER = 8  # the slowest file of a batch (a large CSV counted line by line) holds up only its batch
+
+
+def scan_batches(tasks: list[ScanTask], workers: int) -> list[ScanBatch]:
+    """The plan's tasks in source order: runs of up to BATCH_MAX_FILES local files, at least
+    BATCHES_PER_WORKER batches a worker when there are that many files, and each remote file alone."""
+    from maws_data import storage
+
+    per = max(1, min(BATCH_MAX_FILES, len(tasks) // (BATCHES_PER_WORKER * max(1, workers))))
+    out: list[ScanBatch] = []
+    run: list[ScanTask] = []
+    for t in tasks:
+        if storage.is_remote(t.file.url):  # s3, http(s)
+            if run:
+                out.append(ScanBatch(tuple(run)))
+                run = []
+            out.append(ScanBatch((t,)))
+            continue
+        run.append(t)
+        if len(run) == per:
+            out.append(ScanBatch(tuple(run)))
+            run = []
+    if run:
+        out.append(ScanBatch(tuple(run)))
+    return out
+
+
+def scan_batch(batch: ScanBatch) -> list[tuple[FileLayout, dict, Entry | None]]:
+    """Runner entry point: `scan` of every file of the batch, in its order."""
+    return [scan(t) for t in batch.tasks]
+
+
 def cut(files: list[SourceFile], layouts: list[FileLayout], shard_size: int, unit_rows: int) -> Plan:
     """The plan, from each file's layout (see module docstring)."""
     shards: list[Span] = []
