@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from maws_data import storage
 from maws_data.digests import Entry
 from maws_data.sources import FileLayout, SourceConfig, SourceFile, file_identity, scan_file
 
@@ -87,8 +88,6 @@ BATCHES_PER_WORKER = 8  # the slowest file of a batch (a large CSV counted line 
 def scan_batches(tasks: list[ScanTask], workers: int) -> list[ScanBatch]:
     """The plan's tasks in source order: runs of up to BATCH_MAX_FILES local files, at least
     BATCHES_PER_WORKER batches a worker when there are that many files, and each remote file alone."""
-    from maws_data import storage
-
     per = max(1, min(BATCH_MAX_FILES, len(tasks) // (BATCHES_PER_WORKER * max(1, workers))))
     out: list[ScanBatch] = []
     run: list[ScanTask] = []

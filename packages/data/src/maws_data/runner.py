@@ -20,10 +20,10 @@ file, where to write); workers read their own rows.
   fragmented arenas: +25 MB over a worker's first 500 shards, +90 MB over 5,000). Not a plain
   fork: the parent may hold torch/DALI/CUDA state or threads that a fork would copy
   half-initialised; the forkserver holds none of it.
-* ray: one Ray task per task, `num_cpus=1` (and 1 polars/OpenBLAS/OpenMP thread: `THREAD_VARS`); a task lost with its worker or node is retried by Ray
-  (`retries`); a task that runs past `task_timeout_s` is cancelled and resubmitted, and after
-  `retries` such attempts the build fails with the task's name (one stuck download cannot hang the
-  end of the build). Every task is idempotent (same inputs -> same bytes, atomic writes), so a retry or
+* ray: one Ray task per task, `num_cpus=1` and 1 polars/OpenBLAS/OpenMP thread (`THREAD_VARS`);
+  a task lost with its worker or node is retried by Ray (`retries`); a task that runs past
+  `task_timeout_s` is cancelled and resubmitted, and after `retries` such attempts the build fails
+  with the task's name (one stuck download cannot hang the end of the build). Every task is idempotent (same inputs -> same bytes, atomic writes), so a retry or
   a late duplicate is harmless.
 
 Library threads: the CLI gives each local process cores // processes polars, OpenBLAS and OpenMP
@@ -272,7 +272,7 @@ def start_early(processes: int, modules: tuple[str, ...]) -> None:
 # The libraries' own thread pools. polars (rayon) and OpenBLAS each start one thread per core in
 # every process, so one worker per core means cores^2 threads; on the build's small tasks (25k-row
 # text units, one shard's rows) their hand-offs cost more than the parallelism gives: with 2 workers
-# on 2 cores the text pass ran ~6% faster with one polars thread each (docs/data.md, "Stop 17").
+# on 2 cores the text pass ran 8-10% faster with one polars thread each (docs/data.md, "Stop 17").
 # Ray sets OMP_NUM_THREADS for its workers the same way.
 THREAD_VARS = ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
