@@ -99,3 +99,29 @@ def test_inspect(tiny_build, tmp_path):
     assert first_key in r.output
     r2 = runner.invoke(app, ["inspect", str(tmp_path)])
     assert r2.exit_code == 1 and "no manifest.json" in r2.output
+
+
+def test_the_console_script_starts_the_pool_before_typer_parses(monkeypatch):
+    """`main` starts a local build's pool from the few options it reads itself: the right size, with
+    --s3-endpoint in the environment the workers copy; nothing for Ray, help, another command or
+    a value typer will refuse. The options it reads must be the build command's own."""
+    from maws_data import cli
+    from maws_data import runner as runner_module
+
+    started: list[tuple[int, str | None]] = []
+    monkeypatch.setattr(runner_module, "start_early",
+                        lambda n, modules: started.append((n, runner_module.os.environ.get("MAWS_S3_ENDPOINT"))))
+    monkeypatch.setattr(runner_module, "limit_threads", lambda n: {})
+    monkeypatch.setenv("MAWS_S3_ENDPOINT", "")  # recorded, so that teardown removes what main sets
+    monkeypatch.delenv("MAWS_S3_ENDPOINT")
+    cli._start_build_pool(["build", "--source", "s3://b/p", "--processes", "3", "--s3-endpoint=http://127.0.0.1:1"])
+    assert started == [(3, "http://127.0.0.1:1")]
+    for argv in (["build", "--processes", "2", "--runner", "ray"], ["build", "--runner=ray"],
+                 ["build", "--processes", "2", "--help"], ["inspect", "--processes", "2"],
+                 ["build", "--processes", "two"], ["build", "--processes", "-1"], []):
+        cli._start_build_pool(argv)
+    assert len(started) == 1
+    cli._start_build_pool(["build", "--source", "x"])  # --processes 0: one worker per core
+    assert started[-1][0] == runner_module.local_processes(0)
+    build_opts = {o for p in typer.main.get_command(app).commands["build"].params for o in p.opts}
+    assert {"--processes", "--runner", "--s3-endpoint"} <= build_opts
