@@ -109,14 +109,10 @@ def build(
                                                               "is a copy of an eval image.")] = 6,
 ) -> None:
     """Build WebDataset shards, vocabulary and manifest from a captions table (resumable)."""
-    from maws_data import WORKER_MODULES
-    from maws_data.runner import TaskFailed, limit_threads, local_processes, start_early
+    from maws_data.runner import TaskFailed
 
-    if s3_endpoint:
-        os.environ["MAWS_S3_ENDPOINT"] = s3_endpoint  # before the workers start: they copy the environment
-    if runner is Runner.local:
-        limit_threads(local_processes(processes))  # before polars is imported, here or in a worker
-        start_early(local_processes(processes), WORKER_MODULES)  # they import while we do, below
+    # a no-op when `main` started it: before anything heavy is imported, the workers import while we do
+    _start_pool(processes, s3_endpoint, local=runner is Runner.local)
 
     from maws_data.build import BuildConfig, BuildError
     from maws_data.build import build as run_build
@@ -301,22 +297,26 @@ def _start_build_pool(argv: list[str]) -> None:
         name, eq, value = arg.partition("=")
         if name in ("--processes", "--runner", "--s3-endpoint"):
             given[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-    if given.get("--runner", Runner.local.value) != Runner.local.value:
-        return
     try:
         processes = int(given.get("--processes", "0"))
     except ValueError:
         return
-    if processes < 0:
-        return
+    if processes >= 0:
+        _start_pool(processes, given.get("--s3-endpoint") or None,
+                    local=given.get("--runner", Runner.local.value) == Runner.local.value)
 
+
+def _start_pool(processes: int, s3_endpoint: str | None, *, local: bool) -> None:
+    """What the workers copy when they start (MAWS_S3_ENDPOINT, the library thread limits, set before
+    polars is imported here or in a worker), then the local pool (`runner.start_early`, once)."""
     from maws_data import WORKER_MODULES
     from maws_data.runner import limit_threads, local_processes, start_early
 
-    if given.get("--s3-endpoint"):
-        os.environ["MAWS_S3_ENDPOINT"] = given["--s3-endpoint"]  # as `build` sets it: the workers copy it
-    limit_threads(local_processes(processes))
-    start_early(local_processes(processes), WORKER_MODULES)
+    if s3_endpoint:
+        os.environ["MAWS_S3_ENDPOINT"] = s3_endpoint
+    if local:
+        limit_threads(local_processes(processes))
+        start_early(local_processes(processes), WORKER_MODULES)
 
 
 if __name__ == "__main__":
